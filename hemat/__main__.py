@@ -1,0 +1,3 @@
+from hemat.cli import main
+
+main()
