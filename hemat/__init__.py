@@ -1,3 +1,23 @@
-"""hemat: build, reason-train, evaluate and self-host DeepSeek-style language models frugally."""
+"""hemat: build, reason-train, evaluate and self-host DeepSeek-style language models frugally.
+
+Python API: `from_pretrained(path, device=None, dtype=None)`, `model.save_pretrained(path)`,
+`load_tokenizer(path)`, `Engine(model, tokenizer, ...)`."""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "from_pretrained": "hemat.model.hf",
+    "CausalLM": "hemat.model.transformer",
+    "ModelConfig": "hemat.model.config",
+    "load_tokenizer": "hemat.tokenizer",
+    "Engine": "hemat.infer.engine",
+}
+
+
+def __getattr__(name: str):
+    # imported on first use so that `import hemat` (and `hemat --help`) stays light
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hemat' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Building blocks shared by every architecture (RMSNorm, the SwiGLU MLP) and the grouped-query
+attention of Llama and Qwen2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemat.model.config import ModelConfig
+from hemat.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability, as the reference implementations do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, T, H, d], k [B, S, H, d], v [B, S, H, dv] → [B, T, H, dv]. Causal when mask is None,
+    else mask [B, T, S] (True = attend), as a KV cache hands it over."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with RoPE on every head (Llama, Qwen2). Qwen2 has q/k/v biases; Llama
+    has biases on all four projections when attention_bias is set."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.dense_head_dim
+        self.scale = config.softmax_scale
+        qkv_bias = config.model_type == "qwen2" or config.attention_bias
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), *rope, interleaved=False)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), *rope, interleaved=False)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_idx, k, v)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        return self.o_proj(attend(q, k, v, mask, self.scale).reshape(b, t, -1))

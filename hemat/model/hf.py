@@ -1,0 +1,299 @@
+"""Hugging Face checkpoints as hemat's native format: config.json + model.safetensors (or shards with
+model.safetensors.index.json) + generation_config.json. Safetensors only: pickle checkpoints are refused.
+
+On disk, routed experts keep DeepSeek's per-expert keys (`mlp.experts.E.{gate,up,down}_proj.weight`),
+which transformers, vLLM and SGLang all read; in memory they are stacked (see moe.RoutedExperts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hemat.errors import HematError
+from hemat.model.config import ModelConfig
+from hemat.model.transformer import CausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(HematError):
+    pass
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).exists():
+        index = json.loads((path / INDEX_NAME).read_text())
+        files = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX_NAME} lists shard(s) that do not exist: {', '.join(missing)}")
+        return [path / f for f in files]
+    if (path / WEIGHTS_NAME).exists():
+        return [path / WEIGHTS_NAME]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); hemat loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert them with a tool you trust into model.safetensors."
+        )
+    raise CheckpointError(f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def read_checkpoint_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json")
+    return ModelConfig.from_file(path / "config.json")
+
+
+def from_pretrained(path: str | Path, device=None, dtype=None) -> CausalLM:
+    """Load a hemat or Hugging Face checkpoint directory. dtype defaults to the one in config.json
+    (float32 if none); the router stays in float32 whatever the dtype. A checkpoint without its MTP
+    layers loads as a model without MTP."""
+    path = Path(path)
+    config = read_checkpoint_config(path)
+    files = _weight_files(path)
+    raw = json.loads((path / "config.json").read_text())
+    dtype = parse_dtype(dtype) or parse_dtype(raw.get("dtype") or raw.get("torch_dtype")) or torch.float32
+    device = torch.device(device or "cpu")
+
+    with _open_all(files) as handles:
+        keys = {k: h for h in handles for k in h.keys()}
+        if any(k.endswith("weight_scale_inv") for k in keys):
+            raise CheckpointError(f"{path}: FP8 checkpoints (weight_scale_inv) are not supported; use a bf16 copy")
+        n = config.num_hidden_layers
+        if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
+            config = config.replace(num_nextn_predict_layers=0)
+        with torch.device("meta"):
+            model = CausalLM(config)
+        model.to_empty(device=device)
+        _load_state(model, keys, path)
+    model.reset_buffers()  # to_empty left the non-persistent buffers uninitialised
+    model.to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.float()
+    return model.eval()
+
+
+class _open_all:
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __enter__(self):
+        self.handles = []
+        for f in self.files:
+            try:
+                self.handles.append(safe_open(str(f), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        return self.handles
+
+    def __exit__(self, *exc):
+        self.handles.clear()
+
+
+def _expected_disk_keys(model: CausalLM) -> dict[str, tuple[int, ...]]:
+    """Names and shapes as a checkpoint stores them (per-expert keys, no lm_head when tied)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name.removesuffix(".gate_up_proj")
+            e, two_i, h = tensor.shape
+            for j in range(e):
+                out[f"{prefix}.{j}.gate_proj.weight"] = (two_i // 2, h)
+                out[f"{prefix}.{j}.up_proj.weight"] = (two_i // 2, h)
+        elif name.endswith("experts.down_proj"):
+            prefix = name.removesuffix(".down_proj")
+            for j in range(tensor.shape[0]):
+                out[f"{prefix}.{j}.down_proj.weight"] = tuple(tensor.shape[1:])
+        else:
+            out[name] = tuple(tensor.shape)
+    return out
+
+
+def _is_shared_duplicate(key: str, config: ModelConfig) -> bool:
+    """DeepSeek's MTP layers on disk repeat the embedding and head (`model.layers.61.embed_tokens`,
+    `shared_head.head`); hemat shares the main model's, as the paper does. Old checkpoints may also
+    carry rotary inv_freq buffers."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
+    m = re.match(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$", key)
+    return bool(m) and int(m.group(1)) >= config.num_hidden_layers
+
+
+def _load_state(model: CausalLM, keys: dict, path: Path) -> None:
+    config = model.config
+    expected = _expected_disk_keys(model)
+    fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    if fused:  # transformers may save experts already stacked; accept both layouts
+        for k in fused:
+            prefix = k.rsplit(".", 1)[0]
+            for j in range(config.n_routed_experts):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    expected.pop(f"{prefix}.{j}.{proj}.weight", None)
+            expected[k] = tuple(model.state_dict()[k].shape)
+    if config.tie_word_embeddings:
+        keys = {k: h for k, h in keys.items() if k != "lm_head.weight"}
+    present = {k for k in keys if not _is_shared_duplicate(k, config)}
+    missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s): {_listing(missing)}")
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor(s) for this config: {_listing(extra)}")
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(present):
+            tensor = keys[key].get_tensor(key)
+            if tuple(tensor.shape) != expected[key]:
+                raise CheckpointError(
+                    f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config expects {expected[key]}"
+                )
+            m = _EXPERT_KEY.match(key)
+            if m:
+                prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
+                if proj == "down_proj":
+                    state[f"{prefix}.down_proj"][j].copy_(tensor)
+                else:
+                    half = tensor.shape[0]
+                    rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+                    state[f"{prefix}.gate_up_proj"][j, rows].copy_(tensor)
+            else:
+                state[key].copy_(tensor)
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def disk_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their checkpoint names, experts split per expert."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("tokens_per_expert"):
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name.removesuffix(".gate_up_proj")
+            gate, up = tensor.chunk(2, dim=1)
+            for j in range(tensor.shape[0]):
+                out[f"{prefix}.{j}.gate_proj.weight"] = gate[j]
+                out[f"{prefix}.{j}.up_proj.weight"] = up[j]
+        elif name.endswith("experts.down_proj"):
+            prefix = name.removesuffix(".down_proj")
+            for j in range(tensor.shape[0]):
+                out[f"{prefix}.{j}.down_proj.weight"] = tensor[j]
+        else:
+            out[name] = tensor
+    return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
+
+
+def generation_config(config: ModelConfig) -> dict:
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.95,
+    }
+
+
+def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write the checkpoint atomically: everything goes into a temporary directory beside `path`,
+    is fsynced, and replaces `path` by a rename, so a crash never leaves a half-written checkpoint.
+    Files already in `path` that the checkpoint does not write (a tokenizer, hemat.json) are kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if path.is_dir():
+            for f in path.iterdir():
+                if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json"):
+                    shutil.copy2(f, tmp / f.name)
+        state = disk_state_dict(model)
+        config = model.config.to_hf_dict()
+        config["dtype"] = str(model.dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", generation_config(model.config))
+        shards = _shard(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                for k, v in shard.items():
+                    weight_map[k] = name
+                    total += v.numel() * v.element_size()
+            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place: rename the old one aside, rename the new one in, then
+    delete the old one. A crash in between leaves either the old or the new directory complete."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    _fsync(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,107 @@
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2): shared experts that every token uses, plus fine-grained routed
+experts chosen by a sigmoid router with auxiliary-loss-free load balancing and group-limited routing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemat.model.config import ModelConfig
+from hemat.model.dense import MLP
+
+
+class Router(nn.Module):
+    """s = sigmoid(x · Wᵀ) in fp32. The correction bias b (updated by the trainer, not by gradients)
+    only decides which experts are chosen; the gating weights are the unbiased scores."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] → (weights [N, k], expert ids [N, k], scores [N, E])."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            # a group's score is the sum of its two best biased scores; keep the topk_group best groups.
+            # Dropped groups are masked with -inf as DeepSeek's reference code does: masking with 0.0
+            # (older transformers) can still pick a dropped expert when the kept biased scores are negative.
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            kept = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        ids = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked (gate and up fused), computed batched over the tokens routed
+    to each expert: tokens are sorted by expert so each expert runs one matmul over its tokens."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        top_k = ids.shape[1]
+        order = ids.flatten().argsort(stable=True)
+        token_of = order // top_k
+        routed = x[token_of]
+        outputs = []
+        for expert, chunk in enumerate(routed.split(counts.tolist())):
+            if chunk.shape[0]:
+                gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+        expert_out = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, expert_out)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        # Tokens routed to each expert, summed over forwards until the trainer reads and resets it
+        # (aux-loss-free balancing updates the correction bias from this load after each step).
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        self.balance_alpha = 0.0  # sequence-wise balance loss weight α, set by the trainer
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        weights, ids, scores = self.gate(flat)
+        counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
+        with torch.no_grad():
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        out = self.experts(flat, weights, ids, counts).view(b, t, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.training and self.balance_alpha > 0:
+            self.balance_loss = self.sequence_balance_loss(scores.view(b, t, -1), ids.view(b, t, -1))
+        return out
+
+    def sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 eq. 17-20: α Σ_i f_i P_i per sequence, averaged over the batch, where f_i is
+        expert i's share of the sequence's selections (scaled by E/K) and P_i its mean normalised score."""
+        n_experts, top_k, t = scores.shape[-1], ids.shape[-1], ids.shape[1]
+        selected = torch.zeros_like(scores).scatter_(-1, ids, 1.0).sum(dim=1)
+        f = selected * n_experts / (top_k * t)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.balance_alpha * (f * p).sum(dim=-1).mean()

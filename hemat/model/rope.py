@@ -1,0 +1,76 @@
+"""Rotary position embeddings, with YaRN context extension (DeepSeek-V3 §4.3, DeepSeek-V2 App. B).
+
+DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; Llama and Qwen2 rotate the
+two halves (x_i, x_{i+d/2}). Both are the same rotation on a different layout of the dimensions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hemat.model.config import ModelConfig, yarn_mscale
+
+
+def yarn_inv_freq(dim: int, theta: float, yarn: dict) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies after YaRN: high-frequency dimensions (many rotations within the original
+    context) keep their frequency, low-frequency ones are interpolated by 1/factor, with a linear ramp
+    between the dimensions that make beta_fast and beta_slow rotations. Returns the frequencies and
+    the factor that scales cos/sin (mscale / mscale_all_dim, 1.0 for DeepSeek-V3)."""
+    factor = yarn["factor"]
+    original = yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def dim_for_rotations(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = extrapolation / factor * ramp + extrapolation * (1 - ramp)
+    mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(factor)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps positions [B, T] to (cos, sin) [B, T, dim/2] in float32."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim = config.rope_dim
+        self.theta = config.rope_theta
+        self.yarn = config.yarn
+        self.interleaved = config.is_mla and config.rope_interleave
+        self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
+        self.attention_factor = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.yarn:
+            inv_freq, self.attention_factor = yarn_inv_freq(self.dim, self.theta, self.yarn)
+        else:
+            inv_freq = 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[..., None] * self.inv_freq.float()
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [B, T, heads, dim]; cos/sin [B, T, dim/2]."""
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)

@@ -1,0 +1,48 @@
+"""Tiny random Hugging Face models built and saved by transformers itself, the reference for parity."""
+
+import torch
+
+DEEPSEEK_BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    n_group=4, topk_group=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=256,
+    initializer_range=0.1, num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+)
+YARN = {"type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 64}
+
+
+def make_hf_model(kind: str, path, **overrides):
+    """Build a random transformers model of `kind` (deepseek_v3, llama, qwen2), save it to `path`."""
+    import transformers
+
+    torch.manual_seed(1)
+    if kind == "deepseek_v3":
+        config = transformers.DeepseekV3Config(**{**DEEPSEEK_BASE, **overrides})
+        model = transformers.DeepseekV3ForCausalLM(config)
+        with torch.no_grad():  # a non-zero correction bias, some of it negative, exercises selection
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):
+                    layer.mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    elif kind == "llama":
+        config = transformers.LlamaConfig(**{**dict(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, bos_token_id=0,
+            eos_token_id=1, rope_theta=10000.0), **overrides})
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**{**dict(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=True,
+            bos_token_id=0, eos_token_id=1), **overrides})
+        model = transformers.Qwen2ForCausalLM(config)
+        with torch.no_grad():  # transformers initialises biases to zero; make them count
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(std=0.1)
+    else:
+        raise ValueError(kind)
+    model = model.float().eval()
+    model.save_pretrained(path)
+    return model
