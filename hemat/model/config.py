@@ -232,8 +232,8 @@ class ModelConfig:
         if self.model_type == "llama":
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False
-            if self.head_dim:
-                out["head_dim"] = self.head_dim
+        if not self.is_mla and self.head_dim:
+            out["head_dim"] = self.head_dim
         if self.model_type == "qwen2":
             out.setdefault("use_sliding_window", False)
         if self.is_mla:

@@ -217,7 +217,7 @@ def format_counts(counts: ParamCounts) -> str:
     return "\n".join(lines)
 
 
-def run_params(args) -> int:
+def run_params(args) -> int | None:
     from hemat.presets import load_model_config
 
     config = load_model_config(args.config)
@@ -225,18 +225,18 @@ def run_params(args) -> int:
     print(f"{args.config} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size})")
     print(format_counts(counts))
     if args.no_build:
-        return 0
+        return None
     model = build_meta_model(config)
     if model is None:
         print("\n(hemat.model.transformer not available: analytic count only)")
-        return 0
+        return None
     built = count_module_parameters(model, config)
     if built != counts:
         print("\nMISMATCH: the model built on the meta device counts differently:")
         print(format_counts(built))
         return 1
     print("\nmatches the model built on the meta device")
-    return 0
+    return None
 
 
 def add_command(subparsers) -> set[str]:
@@ -246,7 +246,9 @@ def add_command(subparsers) -> set[str]:
         description="Count parameters analytically from a preset, YAML run config, config.json or checkpoint "
         "directory, and cross-check against the model built on the meta device.",
     )
-    p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (deepseek-v3-671b), YAML, config.json or checkpoint dir")
+    p.add_argument(
+        "config", metavar="CONFIG_OR_DIR", help="preset name (deepseek-v3-671b), YAML, config.json or checkpoint dir"
+    )
     p.add_argument("--no-build", action="store_true", help="skip building the model on the meta device")
     p.set_defaults(func=run_params)
     return {"params"}
