@@ -198,7 +198,10 @@ def test_group_masking_uses_minus_infinity_not_zero():
 
 
 def test_expert_load_is_counted_for_the_trainer():
-    model = CausalLM(_tiny_config())
+    model = CausalLM(_tiny_config()).eval()
+    model(_ids(vocab=96, seq=10), return_mtp=True)
+    assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())  # inference does not count
+    model.train()
     model(_ids(vocab=96, seq=10), return_mtp=True)
     main_moe, mtp_moe = model.moe_layers()
     assert main_moe.tokens_per_expert.sum().item() == 2 * 10 * 2  # tokens × top-k

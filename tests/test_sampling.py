@@ -46,7 +46,7 @@ CHI2_DF4_P001 = 18.47  # chi-square critical value, 4 degrees of freedom, p = 0.
         ("top_k", -2, "top_k must be >= -1, got -2"),
         ("top_k", 2.5, "top_k must be an integer, got 2.5"),
         ("min_p", 1.1, "min_p must be <= 1, got 1.1"),
-        ("repetition_penalty", 0.0, "repetition_penalty must be > 0, got 0.0"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be >= 0.01, got 0.0"),
         ("presence_penalty", 2.5, "presence_penalty must be <= 2, got 2.5"),
         ("frequency_penalty", -3, "frequency_penalty must be >= -2, got -3"),
         ("seed", "7", "seed must be an integer, got '7'"),
@@ -355,3 +355,10 @@ def test_reasoning_splitter_emits_as_soon_as_safe():
     assert s.flush() == []
     custom = ReasoningSplitter(start="[R]", end="[/R]")
     assert custom.feed("[R]a[/R]b") == [("reasoning", "a"), ("content", "b")]
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
+    params = [SamplingParams(temperature=1.0, top_p=5e-324)]
+    out = sample(logits, params, [make_generator(0)])
+    assert out.token_ids.tolist() == [1]

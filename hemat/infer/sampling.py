@@ -38,7 +38,7 @@ class SamplingParams:
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
-    repetition_penalty: float = 1.0  # > 0; 1 = off. Over prompt + output tokens
+    repetition_penalty: float = 1.0  # [0.01, 100]; 1 = off. Over prompt + output tokens
     presence_penalty: float = 0.0  # [-2, 2]; over output tokens
     frequency_penalty: float = 0.0  # [-2, 2]; over output tokens
     seed: int | None = None  # None: a random seed per request
@@ -65,7 +65,8 @@ class SamplingParams:
         _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_int("top_k", self.top_k, low=-1)
         _check_number("min_p", self.min_p, low=0.0, high=1.0)
-        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        # bounded so that dividing a logit by it cannot overflow float32
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.01, high=100.0)
         _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         if self.seed is not None:
@@ -200,6 +201,7 @@ def process_logits(
             top_p = _row_values(params, "top_p", device)
             has_top_p = top_p < 1.0
             remove = remove | (has_top_p & (mass_before >= top_p))
+            remove[:, 0] = False  # the most likely token always stays, however small top_p (even 0 in fp32)
         logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove) & sampled, -math.inf)
 
     if any(p.min_p > 0 for p in params):

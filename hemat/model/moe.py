@@ -88,7 +88,7 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        # Tokens routed to each expert, summed over forwards until the trainer reads and resets it
+        # Tokens routed to each expert, summed over training forwards until the trainer reads and resets it
         # (aux-loss-free balancing updates the correction bias from this load after each step).
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_alpha = 0.0  # sequence-wise balance loss weight α, set by the trainer
@@ -99,8 +99,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, h)
         weights, ids, scores = self.gate(flat)
         counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
-        with torch.no_grad():
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        if self.training:  # inference forwards (e.g. GRPO rollouts) must not count towards balancing
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         out = self.experts(flat, weights, ids, counts).view(b, t, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -1,0 +1,131 @@
+"""Decode throughput: hemat's engine against transformers' `generate` on the same checkpoint.
+
+Builds a random model from a preset (default cpu-tiny), saves it, loads it in both, then alternates the
+two in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on both sides,
+prefill included in the time). Prints tokens/s, the ratio, KV-cache bytes per token for both, and the
+MTP acceptance rate when the checkpoint carries MTP layers (a random model's drafts are rarely right,
+so speculative decoding is measured apart from the plain comparison).
+
+    python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hemat
+from hemat.infer.engine import Engine
+from hemat.infer.sampling import SamplingParams
+from hemat.model.transformer import CausalLM
+from hemat.presets import load_model_config
+
+
+def hf_kv_bytes_per_token(cache, batch: int) -> float:
+    """Bytes transformers' DynamicCache holds per token (all layers, keys and values)."""
+    total, length = 0, 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+        length = layer.keys.shape[-2]
+    return total / (batch * length)
+
+
+def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             do_sample=False, return_dict_in_generate=True)
+    elapsed = time.perf_counter() - start
+    assert out.sequences.shape[1] == prompts.shape[1] + new_tokens
+    return prompts.shape[0] * new_tokens / elapsed, hf_kv_bytes_per_token(out.get("cache") or out.past_key_values, prompts.shape[0])
+
+
+def time_hemat(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts.tolist(), params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return prompts.shape[0] * new_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="cpu-tiny", help="preset or YAML to build a random model from")
+    parser.add_argument("--checkpoint", help="an existing checkpoint directory instead of a random model")
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds per batch size; the best round of each side is reported, the "
+                        "least disturbed by other load on a shared machine")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="a short run: 32 new tokens, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.rounds, args.prompt_tokens = 32, 1, 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "model"
+        if not args.checkpoint:
+            torch.manual_seed(0)
+            CausalLM(load_model_config(args.config)).save_pretrained(path)
+        model = hemat.from_pretrained(path)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    reference.generation_config.eos_token_id = None  # both sides generate exactly new_tokens
+    reference.generation_config.pad_token_id = 0
+    config = model.config
+    print(f"model: {config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{config.num_hidden_layers} layers, MTP depth {len(model.mtp_layers)}; threads {torch.get_num_threads()}")
+    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} round(s), greedy")
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    hf_kv = None
+    for batch in batches:
+        prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_tokens), generator=gen)
+        engine = Engine(model, max_batch_size=batch, speculative="off")
+        time_hemat(engine, prompts[:, :8], 4)  # warm up both
+        time_hf(reference, prompts[:, :8], 4)
+        hf_rates, hemat_rates = [], []
+        for r in range(args.rounds):
+            order = [("hf", time_hf), ("hemat", time_hemat)]
+            for name, _ in order if r % 2 == 0 else order[::-1]:
+                if name == "hf":
+                    rate, hf_kv = time_hf(reference, prompts, args.new_tokens)
+                    hf_rates.append(rate)
+                else:
+                    hemat_rates.append(time_hemat(engine, prompts, args.new_tokens))
+        hf_rate, hemat_rate = max(hf_rates), max(hemat_rates)
+        print(f"batch {batch:3d}: transformers {hf_rate:9.1f} tok/s | hemat {hemat_rate:9.1f} tok/s | "
+              f"ratio {hemat_rate / hf_rate:5.2f}x")
+        spec = None
+        if model.mtp_layers:
+            spec = Engine(model, max_batch_size=batch, speculative="auto")
+            rate = time_hemat(spec, prompts, args.new_tokens)
+            stats = spec.stats()
+            print(f"           hemat + MTP speculative {rate:9.1f} tok/s, acceptance {stats['spec_acceptance_rate']:.1%} "
+                  f"({stats['spec_accepted']}/{stats['spec_drafted']} drafts)")
+
+    kv = engine.cache.bytes_per_token
+    element = torch.empty(0, dtype=model.dtype).element_size()
+    print(f"KV cache bytes per token: hemat {kv:,} | transformers {hf_kv:,.0f} (transformers / hemat = {hf_kv / kv:.2f})")
+    if config.is_mla:
+        expected = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * element
+        verdict = "equal" if kv == expected else "NOT equal"
+        print(f"  (kv_lora_rank {config.kv_lora_rank} + qk_rope_head_dim {config.qk_rope_head_dim}) x "
+              f"{config.num_hidden_layers} layers x {element} bytes = {expected:,}: {verdict}")
+        if spec is not None:
+            print(f"  the MTP layer's entries add {spec.cache.mtp_bytes_per_token:,} bytes per token when drafting")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The paged KV cache: one preallocated pool of fixed-size pages shared by all running sequences.
+
+A sequence owns a list of pages (its block table); token position p lives in slot
+`pages[p // page_size] * page_size + p % page_size` of every layer's storage. MLA layers store only the
+normalised latent (kv_lora_rank) and the RoPE key (qk_rope_head_dim) per token; GQA layers per-head K
+and V. MTP layers (indices num_hidden_layers + d) get storage too, so drafts have context.
+
+Pages are reference-counted. Full pages of a prompt are registered under a hash of every token up to
+their end, so a later prompt with the same prefix reuses them instead of recomputing; a registered page
+whose last user ended stays cached (evictable, least recently used first) until the pool needs it.
+Page 0 is never handed out: padded rows of a batch write there and read from there, masked out.
+
+Per forward, `begin_step` turns the batch's block tables, start positions and new-token counts into
+write slots, read slots and the attention mask once; every layer's `update` then only writes and gathers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from hemat.errors import HematError
+from hemat.model.config import ModelConfig
+
+
+class PageAllocator:
+    """Page bookkeeping: free list, reference counts, the prefix table and reservations.
+
+    `reserved` counts pages promised to admitted sequences but not yet taken, so that a sequence,
+    once admitted, can always grow to its limit: nothing is ever preempted."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        self.num_pages, self.page_size = num_pages, page_size
+        self.free = list(range(num_pages, 0, -1))  # page 0 is the scratch page
+        self.refcount = [0] * (num_pages + 1)
+        self.evictable: OrderedDict[int, bytes] = OrderedDict()  # refcount-0 pages still in the prefix table
+        self.prefix: dict[bytes, int] = {}  # hash of tokens[: end of page] -> page
+        self.key_of: dict[int, bytes] = {}
+        self.reserved = 0
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.evictable) - self.reserved
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def page_keys(self, token_ids: Sequence[int], num_pages: int) -> list[bytes]:
+        """Chained hashes of the first num_pages full pages: key i covers tokens[: (i + 1) * page_size]."""
+        keys, key, ps = [], b"", self.page_size
+        for i in range(num_pages):
+            chunk = ",".join(map(str, token_ids[i * ps : (i + 1) * ps])).encode()
+            key = hashlib.blake2b(key + chunk, digest_size=16).digest()
+            keys.append(key)
+        return keys
+
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
+        """Pages of the longest cached prefix of these keys."""
+        pages = []
+        for key in keys:
+            page = self.prefix.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def acquire(self, pages: Sequence[int]) -> None:
+        for page in pages:
+            self.evictable.pop(page, None)
+            self.refcount[page] += 1
+
+    def allocate(self) -> int:
+        """A fresh page with refcount 1, taken from the caller's reservation."""
+        if self.free:
+            page = self.free.pop()
+        elif self.evictable:
+            page, key = self.evictable.popitem(last=False)
+            del self.prefix[key], self.key_of[page]
+        else:
+            raise HematError("KV cache pool exhausted: a sequence grew past its reservation (engine bug)")
+        self.reserved -= 1
+        self.refcount[page] = 1
+        return page
+
+    def release(self, pages: Sequence[int]) -> None:
+        for page in pages:
+            self.refcount[page] -= 1
+            if self.refcount[page] == 0:
+                if page in self.key_of:
+                    self.evictable[page] = self.key_of[page]
+                else:
+                    self.free.append(page)
+
+    def register(self, pages: Sequence[int], keys: Sequence[bytes]) -> None:
+        """Make full pages findable by later prompts (first writer of a prefix wins)."""
+        for page, key in zip(pages, keys):
+            if key not in self.prefix and page not in self.key_of:
+                self.prefix[key] = page
+                self.key_of[page] = key
+
+
+class PagedCache:
+    """Storage for every attention layer plus the per-step index tensors (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device, num_layers: int | None = None):
+        if page_size < 1 or num_pages < 1:
+            raise HematError(f"the KV cache needs page_size >= 1 and at least one page, got {page_size}, {num_pages}")
+        self.config, self.page_size, self.num_pages = config, page_size, num_pages
+        self.allocator = PageAllocator(num_pages, page_size)
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        slots = (num_pages + 1) * page_size
+        if config.is_mla:
+            shapes = [(config.kv_lora_rank,), (config.qk_rope_head_dim,)]
+        else:
+            shapes = [(config.num_key_value_heads, config.dense_head_dim)] * 2
+        self.layers = [tuple(torch.zeros(slots, *s, dtype=dtype, device=device) for s in shapes)
+                       for _ in range(num_layers)]
+        elements = sum(torch.Size(s).numel() for s in shapes)
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        # bytes one token costs in the main layers (MTP layers' share is reported apart)
+        self.bytes_per_token = elements * element_size * config.num_hidden_layers
+        self.mtp_bytes_per_token = elements * element_size * (num_layers - config.num_hidden_layers)
+        self.device = device
+        self._write = self._read = self._mask = None
+        self._shape = (0, 0, 0)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def begin_step(self, block_tables: Sequence[Sequence[int]], starts: Sequence[int],
+                   lengths: Sequence[int]) -> torch.Tensor:
+        """Prepare a forward over len(block_tables) rows where row i writes lengths[i] new tokens at
+        positions starts[i]... and attends to every cached token before them. Returns the positions
+        [B, T] of the new tokens (padding positions repeat past the row's end and are masked)."""
+        dev, ps = self.device, self.page_size
+        b, t = len(block_tables), max(lengths)
+        width = max(len(p) for p in block_tables)
+        table = torch.tensor([list(p) + [0] * (width - len(p)) for p in block_tables], dtype=torch.long, device=dev)
+        start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
+        length = torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]
+        total = start + length
+        s = int(total.max())
+        q_pos = start + torch.arange(t, device=dev)  # [B, T]
+        k_pos = torch.arange(s, device=dev).expand(b, s)  # [B, S]
+
+        def slots(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            page = table.gather(1, (pos // ps).clamp(max=width - 1))
+            return torch.where(valid, page * ps + pos % ps, 0).flatten()
+
+        self._write = slots(q_pos, q_pos < total)
+        self._read = slots(k_pos, k_pos < total)
+        # a padded query attends like the row's last token, so no softmax row is empty
+        last = torch.minimum(q_pos, total - 1)
+        self._mask = k_pos[:, None, :] <= last[:, :, None]  # [B, T, S]
+        self._shape = (b, t, s)
+        return q_pos
+
+    def update(self, layer_idx: int, *new: torch.Tensor):
+        """Write the new tokens' entries of one layer, return every entry [B, S, ...] and the mask."""
+        b, t, s = self._shape
+        out = []
+        for store, x in zip(self.layers[layer_idx], new):
+            store.index_copy_(0, self._write, x.reshape(b * t, *store.shape[1:]).to(store.dtype))
+            out.append(store.index_select(0, self._read).view(b, s, *store.shape[1:]))
+        return (*out, self._mask)
+
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy one page's entries in every layer (a forked sequence's own copy of a shared page)."""
+        ps = self.page_size
+        for stores in self.layers:
+            for store in stores:
+                store[dst * ps : (dst + 1) * ps] = store[src * ps : (src + 1) * ps]
