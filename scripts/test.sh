@@ -2,6 +2,11 @@
 # Install everything the test suite needs into .venv and run the whole suite (the README's test command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# headless Chromium for the web-chat test (Playwright drives Debian's build; its own download needs the network)
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
