@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from hemat.errors import HematError
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """metrics.jsonl → list of records; a line cut off by a kill mid-write is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def plot_series(records: list[dict], keys: list[str], out_png: str | Path, title: str, x_key: str = "step",
                 ylabel: str | None = None, log_y: bool = False) -> Path | None:
-    """One line per key over x_key (records lacking a key are skipped for that line). None if nothing to plot."""
+    """One line per key over x_key (records lacking a key are skipped for that line), written atomically.
+    None if there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,8 +35,10 @@ def plot_series(records: list[dict], keys: list[str], out_png: str | Path, title
     ax.legend()
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, out_png)
     return out_png
 
 

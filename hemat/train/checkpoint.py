@@ -213,28 +213,9 @@ class MetricsLog:
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self, png: str | Path) -> None:
-        import matplotlib
+        from hemat.report import plot_series
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        records = self.records()
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        if train:
-            ax.plot(*zip(*train), lw=1, label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = Path(png).with_name(Path(png).stem + ".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, png)
+        plot_series(self.records(), ["loss", "val_loss"], png, "loss", ylabel="cross-entropy (nats/token)")
 
 
 def _finite(value):
