@@ -15,7 +15,7 @@ import torch
 
 from hemat.data import shards
 from hemat.data.loader import TokenLoader
-from hemat.data.shards import DataError, prepare_shards
+from hemat.data.shards import DataError, document_prefix, prepare_shards
 from hemat.data.synthetic import (
     LEVELS,
     TEMPLATES,
@@ -214,7 +214,8 @@ def test_prepare_txt_jsonl_parquet(tmp_path, tokenizer_dir):
     for split in ("train", "val"):
         parts = split_documents(read_split(out, manifest, split), tok.eos_token_id)
         assert len(parts) == manifest["splits"][split]["documents"]
-        texts = [tok.decode(p[:-1]) for p in parts]
+        assert all(p[0] == tok.bos_token_id for p in parts)  # each document starts as a prompt does
+        texts = [tok.decode(p[1:-1]) for p in parts]
         got[split] = texts
         byte_count = sum(len(t.encode()) for t in texts)
         stats = manifest["splits"][split]
@@ -241,7 +242,7 @@ def test_txt_split_modes_and_val_tokens(tmp_path, tokenizer_dir, monkeypatch):
     long.write_text("".join(f"line {i}: café crème, naïve\n" for i in range(40)))
     m = prepare_shards([long], tokenizer_dir, tmp_path / "long", val_fraction=0, progress=False)
     (document,) = split_documents(read_split(tmp_path / "long", m, "train"), 1)
-    assert m["documents"] == 1 and load_tokenizer(tokenizer_dir).decode(document[:-1]) == long.read_text()
+    assert m["documents"] == 1 and load_tokenizer(tokenizer_dir).decode(document[1:-1]) == long.read_text()
     monkeypatch.undo()
     docs = write_jsonl(tmp_path / "d.jsonl", [{"text": format_pretrain_document(p)} for p in train_problems(200)])
     m = prepare_shards([docs], tokenizer_dir, tmp_path / "vt", val_tokens=300, progress=False)
@@ -256,7 +257,9 @@ def test_large_vocab_uses_uint32(tmp_path, big_vocab_tokenizer_dir):
     tokens = read_split(tmp_path / "out", m, "train")
     tok = load_tokenizer(big_vocab_tokenizer_dir)
     assert tokens.max() > 65_535
-    assert [tok.decode(d[:-1]) for d in split_documents(tokens, 1)] == ["héllo world", "abc", "xyz"]
+    start = len(document_prefix(tok))  # this tokenizer adds no BOS
+    assert start == 0
+    assert [tok.decode(d[start:-1]) for d in split_documents(tokens, 1)] == ["héllo world", "abc", "xyz"]
 
 
 BAD_INPUTS = {

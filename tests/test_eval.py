@@ -57,8 +57,8 @@ def _direct_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def _greedy(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Greedy decoding by plain forward passes over the whole sequence, after the EOS document start."""
-    ids, out = [tokenizer.eos_token_id] + tokenizer.encode(prompt), []
+    """Greedy decoding by plain forward passes over the whole sequence, after the BOS document start."""
+    ids, out = [tokenizer.bos_token_id] + tokenizer.encode(prompt), []
     with torch.no_grad():
         while len(out) < max_tokens:
             out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
@@ -162,7 +162,7 @@ def test_choice_file_shapes(tmp_path):
 def test_choice_scoring_picks_the_higher_likelihood_option(loaded):
     model, tokenizer = loaded
     context, options = "The cat sat on the", [" mat.", " park in the morning."]
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.bos_token_id  # the document start
     direct = []
     for option in options:
         context_ids = tokenizer.encode(context)
@@ -183,7 +183,7 @@ def test_choice_scoring_picks_the_higher_likelihood_option(loaded):
 def test_bits_per_byte_equals_a_direct_computation(loaded):
     model, tokenizer = loaded
     text = "The cat sat on the mat. A dog ran in the park."
-    ids = [tokenizer.eos_token_id] + tokenizer.encode(text)
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(text)
     nll = -float(_direct_logprobs(model, ids).sum())
     result = bits_per_byte(model, tokenizer, text, max_length=512)
     assert result["tokens"] == len(ids) - 1 and result["bytes"] == len(text.encode())
@@ -314,7 +314,7 @@ def test_lm_eval_adapter_methods(loaded):
     assert all(isinstance(g[1], bool) for g in got)
 
     text = "Birds sing in the morning."
-    ids = [tokenizer.eos_token_id] + tokenizer.encode(text)
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(text)
     (rolling,) = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])
     assert rolling == pytest.approx(float(_direct_logprobs(model, ids).sum()), abs=1e-4)
 

@@ -264,6 +264,12 @@ def _unit_hash(index: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """What the tokenizer's own post-processor puts before a text (BOS for hemat's and Llama's, nothing
+    for Qwen2's): every document starts with it, as prompts do at inference."""
+    return tokenizer.encode("", add_special_tokens=True)
+
+
 class _Tokenise:
     """Batches pieces of documents, tokenises them together and routes each document to a split."""
 
@@ -272,6 +278,7 @@ class _Tokenise:
         self.tokenizer, self.writers, self.bar = tokenizer, writers, bar
         self.val_fraction, self.val_tokens = val_fraction, val_tokens
         self.eos = np.array([tokenizer.eos_token_id])
+        self.bos = np.array(document_prefix(tokenizer), dtype=np.int64)
         self.max_id = np.iinfo(writers["train"].dtype).max
         self.pending: list[tuple[str, bool]] = []
         self.pending_bytes = 0
@@ -299,10 +306,11 @@ class _Tokenise:
             return
         encoded = self.tokenizer.encode_batch([text for text, _ in self.pending])
         for (text, ends_doc), ids in zip(self.pending, encoded):
+            array = np.asarray(ids, dtype=np.int64)
             if not self.doc_open:
                 self.doc_split, self.doc_open = self._pick_split(), True
+                array = np.concatenate([self.bos, array])
             writer = self.writers[self.doc_split]
-            array = np.asarray(ids, dtype=np.int64)
             if ends_doc:
                 array = np.concatenate([array, self.eos])
                 writer.documents += 1

@@ -2,9 +2,10 @@
 log-probability of each answer, and bits per byte of a text. The same scoring serves the
 lm-evaluation-harness adapter.
 
-Every scored text starts after the document-start token (EOS, which separates documents in hemat's
-pretraining data; BOS for a tokenizer without one), so the first token is predicted too; a text that
-already begins with BOS (a chat template's) keeps just that. Choices are
+Every scored text starts as a pretraining document does: with what the tokenizer puts before a text
+(BOS for hemat's and Llama's tokenizers), or after EOS, the document separator, for a tokenizer that
+adds nothing (Qwen2's), so the first token is predicted too; a text that already begins with BOS (a
+chat template's) keeps just that. Choices are
 scored as continuations ("Question: ...\\nAnswer:" + " choice"), the cloze form, for all three shapes."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hemat.data.shards import document_prefix
 from hemat.errors import HematError
 
 LOGITS_CHUNK = 4096  # positions per lm-head call: [chunk, vocab] floats instead of [batch, seq, vocab]
@@ -30,9 +32,10 @@ class ChoiceDataError(HematError):
 
 
 def document_start_id(tokenizer) -> int:
-    token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    prefix = document_prefix(tokenizer)
+    token = prefix[-1] if prefix else tokenizer.eos_token_id
     if token is None:
-        raise HematError("the tokenizer has neither an eos_token nor a bos_token to start a scored text with")
+        raise HematError("the tokenizer has neither a bos_token nor an eos_token to start a scored text with")
     return token
 
 
