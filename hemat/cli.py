@@ -47,7 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             registered = set(module.add_command(sub))
     for name, (_, help_text) in COMMANDS.items():
         if name not in registered:
-            p = sub.add_parser(name, help=help_text, add_help=False)
+            p = sub.add_parser(name, help=help_text, description=help_text)
             p.set_defaults(func=lambda args, name=name: sys.exit(f"hemat {name}: not available in this version of hemat yet"))
     return parser
 
