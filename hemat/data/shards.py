@@ -444,7 +444,7 @@ def add_command(subparsers) -> set[str]:
     prep = actions.add_parser(
         "prepare", help="tokenise .txt/.jsonl/.parquet files into memory-mapped shards",
         description="Tokenise text (.txt), JSON lines (.jsonl) and Parquet (.parquet) files, each document "
-                    "followed by EOS, into uint16/uint32 .bin shards with a manifest.json and a held-out "
+                    "opened as the tokenizer opens a text (BOS) and closed by EOS, into uint16/uint32 .bin shards with a manifest.json and a held-out "
                     "validation split chosen by a hash of each document's index.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     prep.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (or its tokenizer.json)")
