@@ -252,18 +252,19 @@ def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DE
                     weight_map[k] = name
                     total += v.numel() * v.element_size()
             _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        replace_dir(tmp, path)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place: rename the old one aside, rename the new one in, then
-    delete the old one. A crash in between leaves either the old or the new directory complete."""
+def publish_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place: fsync everything in it, rename the old one aside, rename
+    the new one in, then delete the old one. A crash in between leaves either the old or the new
+    directory complete."""
+    for f in sorted(src.rglob("*"), reverse=True):  # files before the directories holding them
+        _fsync(f)
+    _fsync(src)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

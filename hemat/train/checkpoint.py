@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hemat.errors import HematError
-from hemat.model.hf import from_pretrained, replace_dir
+from hemat.model.hf import from_pretrained, publish_dir
 from hemat.model.transformer import CausalLM
 
 STATE_DIR = "trainer_state"
@@ -75,10 +75,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: CausalLM, optimizer_s
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         _write_trainer_state(tmp / STATE_DIR, optimizer_state, trainer_state)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        replace_dir(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,17 +97,6 @@ def _write_trainer_state(path: Path, optimizer_state: dict, trainer_state: dict)
     state = {"format": STATE_FORMAT, "version": 1, **trainer_state,
              "optimizer": {"param_groups": optimizer_state.get("param_groups", []), "values": values}}
     (path / "state.json").write_text(json.dumps(state, default=_jsonable) + "\n")
-    for f in path.iterdir():
-        _fsync(f)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(value):
