@@ -2,8 +2,9 @@
 
 A sequence owns a list of pages (its block table); token position p lives in slot
 `pages[p // page_size] * page_size + p % page_size` of every layer's storage. MLA layers store only the
-normalised latent (kv_lora_rank) and the RoPE key (qk_rope_head_dim) per token; GQA layers per-head K
-and V. MTP layers (indices num_hidden_layers + d) get storage too, so drafts have context.
+normalised latent (kv_lora_rank) and the RoPE key (qk_rope_head_dim) per token, side by side in one
+store so that one gather reads both; GQA layers per-head K and V. MTP layers (indices
+num_hidden_layers + d) get storage too, so drafts have context.
 
 Pages are reference-counted. Full pages of a prompt are registered under a hash of every token up to
 their end, so a later prompt with the same prefix reuses them instead of recomputing; a registered page
@@ -113,19 +114,22 @@ class PagedCache:
         self.allocator = PageAllocator(num_pages, page_size)
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         slots = (num_pages + 1) * page_size
-        if config.is_mla:
-            shapes = [(config.kv_lora_rank,), (config.qk_rope_head_dim,)]
+        if config.is_mla:  # the latent and the RoPE key side by side in one store, gathered in one go
+            widths = [config.kv_lora_rank, config.qk_rope_head_dim]
+            self.stores = [(torch.zeros(slots, sum(widths), dtype=dtype, device=device),) for _ in range(num_layers)]
+            self.layers = [tuple(store.split(widths, dim=-1)) for (store,) in self.stores]
         else:
-            shapes = [(config.num_key_value_heads, config.dense_head_dim)] * 2
-        self.layers = [tuple(torch.zeros(slots, *s, dtype=dtype, device=device) for s in shapes)
-                       for _ in range(num_layers)]
-        elements = sum(torch.Size(s).numel() for s in shapes)
+            shape = (config.num_key_value_heads, config.dense_head_dim)
+            self.stores = self.layers = [tuple(torch.zeros(slots, *shape, dtype=dtype, device=device) for _ in "kv")
+                                         for _ in range(num_layers)]
+        elements = sum(t[0].numel() for t in self.layers[0]) if num_layers else 0
         element_size = torch.empty(0, dtype=dtype).element_size()
         # bytes one token costs in the main layers (MTP layers' share is reported apart)
         self.bytes_per_token = elements * element_size * config.num_hidden_layers
         self.mtp_bytes_per_token = elements * element_size * (num_layers - config.num_hidden_layers)
         self.device = device
         self._write = self._read = self._mask = None
+        self._positions = torch.arange(page_size, device=device)
         self._shape = (0, 0, 0)
 
     @property
@@ -139,39 +143,46 @@ class PagedCache:
         [B, T] of the new tokens (padding positions repeat past the row's end and are masked)."""
         dev, ps = self.device, self.page_size
         b, t = len(block_tables), max(lengths)
-        width = max(len(p) for p in block_tables)
-        table = torch.tensor([list(p) + [0] * (width - len(p)) for p in block_tables], dtype=torch.long, device=dev)
+        totals = [first + n for first, n in zip(starts, lengths)]
+        s = max(totals)
+        width = -(-s // ps)  # pages that hold positions < s
+        table = torch.tensor([list(p[:width]) + [0] * (width - len(p[:width])) for p in block_tables],
+                             dtype=torch.long, device=dev)
         start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
-        length = torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]
-        total = start + length
-        s = int(total.max())
-        q_pos = start + torch.arange(t, device=dev)  # [B, T]
-        k_pos = torch.arange(s, device=dev).expand(b, s)  # [B, S]
-
-        def slots(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            page = table.gather(1, (pos // ps).clamp(max=width - 1))
-            return torch.where(valid, page * ps + pos % ps, 0).flatten()
-
-        self._write = slots(q_pos, q_pos < total)
-        self._read = slots(k_pos, k_pos < total)
+        total = torch.tensor(totals, dtype=torch.long, device=dev)[:, None]
+        q_pos = start + self._arange(t)  # [B, T]
+        k_pos = self._arange(s)  # [S]
+        slot_of = (table[:, :, None] * ps + self._arange(ps)).flatten(1)  # [B, width * ps]: slot of each position
+        self._write = torch.where(q_pos < total, slot_of.gather(1, q_pos.clamp(max=width * ps - 1)), 0).flatten()
+        self._read = torch.where(k_pos < total, slot_of[:, :s], 0).flatten()
         # a padded query attends like the row's last token, so no softmax row is empty
-        last = torch.minimum(q_pos, total - 1)
-        self._mask = k_pos[:, None, :] <= last[:, :, None]  # [B, T, S]
+        self._mask = k_pos <= torch.minimum(q_pos, total - 1)[:, :, None]  # [B, T, S]
         self._shape = (b, t, s)
         return q_pos
 
+    def _arange(self, n: int) -> torch.Tensor:
+        """0..n-1 (a view of one kept arange, grown as needed)."""
+        if self._positions.shape[0] < n:
+            self._positions = torch.arange(max(n, 2 * self._positions.shape[0]), device=self.device)
+        return self._positions[:n]
+
     def update(self, layer_idx: int, *new: torch.Tensor):
-        """Write the new tokens' entries of one layer, return every entry [B, S, ...] and the mask."""
+        """Write the new tokens' entries of one layer, return every entry [B, S, ...] and the mask. MLA's
+        (latent, k_pe) come back as the two halves of one gathered [B, S, r + rope] buffer."""
         b, t, s = self._shape
-        out = []
         for store, x in zip(self.layers[layer_idx], new):
-            store.index_copy_(0, self._write, x.reshape(b * t, *store.shape[1:]).to(store.dtype))
+            x = x.reshape(b * t, *store.shape[1:])
+            store.index_copy_(0, self._write, x if x.dtype == store.dtype else x.to(store.dtype))
+        out = []
+        for store in self.stores[layer_idx]:
             out.append(store.index_select(0, self._read).view(b, s, *store.shape[1:]))
+        if len(out) < len(new):
+            out = out[0].split([x.shape[-1] for x in new], dim=-1)
         return (*out, self._mask)
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy one page's entries in every layer (a forked sequence's own copy of a shared page)."""
         ps = self.page_size
-        for stores in self.layers:
+        for stores in self.stores:
             for store in stores:
                 store[dst * ps : (dst + 1) * ps] = store[src * ps : (src + 1) * ps]

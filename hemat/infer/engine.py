@@ -35,6 +35,10 @@ from hemat.infer.stops import StopMatcher
 THINK_START = "<think>"
 
 
+def _unpenalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty
+
+
 class EngineRequestError(HematError):
     """A request the engine cannot serve (too long, bad ids, ...); the message names the value."""
 
@@ -503,6 +507,10 @@ class Engine:
         self._sample_and_append(seqs, self.model.logits(hidden[:, 0]))
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        if all(s.params.greedy and not s.params.logprobs and _unpenalised(s.params) for s in seqs):
+            for seq, token in zip(seqs, logits.argmax(dim=-1).tolist()):  # what sample() picks, in one call
+                self._append(seq, [token], None)
+            return
         out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                      [s.prompt for s in seqs], [s.output for s in seqs])
         tokens = out.token_ids.tolist()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemat.model.config import ModelConfig
-from hemat.model.dense import MLP
+from hemat.model.dense import MLP, cpu_inference, derived
 
 
 class Router(nn.Module):
@@ -25,27 +25,54 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → (weights [N, k], expert ids [N, k], scores [N, E])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        weight = self.weight
+        if not x.dtype == weight.dtype == torch.float32:
+            x, weight = x.float(), weight.float()
+        if torch.is_autocast_enabled(x.device.type):  # fp32 means fp32 under autocast too
+            with torch.autocast(x.device.type, enabled=False):
+                scores = F.linear(x, weight).sigmoid()
+        else:
+            scores = F.linear(x, weight).sigmoid()
         biased = scores + self.e_score_correction_bias
-        if self.n_group > 1:
+        if self.topk_group < self.n_group:
             # a group's score is the sum of its two best biased scores; keep the topk_group best groups.
             # Dropped groups are masked with -inf as DeepSeek's reference code does: masking with 0.0
             # (older transformers) can still pick a dropped expert when the kept biased scores are negative.
             grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             kept = group_scores.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+            dropped = torch.full_like(group_scores, float("-inf")).scatter_(1, kept, 0.0)
+            biased = (grouped + dropped[..., None]).flatten(1)
         ids = biased.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids, scores
+        return (weights * self.scaling if self.scaling != 1.0 else weights), ids, scores
+
+
+class GroupedLinear(torch.autograd.Function):
+    """y = x · W[e]ᵀ for each expert e's block of rows (tokens sorted by expert, `offsets` the end row of
+    each block), for CPU: torch._grouped_mm has CPU kernels for every product needed, but its own
+    backward fails there. The gradients are two more grouped matmuls, so the stacked weights' gradient
+    is written once, not zero-filled and accumulated expert by expert."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, weight, offs=offsets) if ctx.needs_input_grad[0] else None
+        grad_weight = torch._grouped_mm(grad.t(), x, offs=offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked (gate and up fused), computed batched over the tokens routed
-    to each expert: tokens are sorted by expert so each expert runs one matmul over its tokens."""
+    to each expert: tokens are sorted by expert, and two grouped matmuls run every expert's block."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -53,17 +80,61 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H], routing weights and expert ids [N, k], counts [E] (tokens per expert, or None) → [N, H]."""
+        inference = cpu_inference(x) and not torch.is_autocast_enabled("cpu")
+        stacked = self.transposed_weights() if inference else None
+        if stacked is not None and ids.numel() <= self.FEW_PAIRS:
+            return self.pairwise(x, weights, ids, *stacked)
+        if counts is None:
+            counts = torch.bincount(ids.flatten(), minlength=self.gate_up_proj.shape[0])
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)
         token_of = order // top_k
         routed = x[token_of]
-        expert_out = self.grouped(routed, counts) if routed.is_cuda else self.looped(routed, counts)
+        if stacked is not None:  # both grouped matmuls over the kept [E, in, out] copies
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(routed, stacked[0], offs=offsets).chunk(2, dim=-1)
+            expert_out = torch._grouped_mm(F.silu(gate) * up, stacked[1], offs=offsets)
+        elif routed.is_cuda:
+            expert_out = self.grouped(routed, counts)
+        elif torch.is_autocast_enabled("cpu"):  # F.linear follows autocast; the grouped matmuls would not
+            expert_out = self.looped(routed, counts)
+        else:
+            expert_out = self.grouped_cpu(routed, counts)
         expert_out = expert_out * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
 
+    FEW_PAIRS = 8  # up to this many (token, expert) pairs, CPU inference runs them one by one
+
+    def transposed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """gate_up [E, hidden, 2i] and down [E, i, hidden], contiguous copies kept for CPU inference (see
+        dense.transposed), or None past the budget for derived weights."""
+        def build():
+            return torch.cat([w.transpose(1, 2).flatten() for w in (self.gate_up_proj, self.down_proj)])
+
+        flat = derived(self, "stacked", (self.gate_up_proj, self.down_proj), build)
+        if flat is None:
+            return None
+        e, two_i, h = self.gate_up_proj.shape
+        split = e * two_i * h
+        return flat[:split].view(e, h, two_i), flat[split:].view(e, two_i // 2, h)
+
+    def pairwise(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair through its expert's weights, with no sorting and no grouped matmul
+        over mostly empty groups (decoding a few sequences)."""
+        out = torch.zeros_like(x)
+        for row, (experts, gates) in enumerate(zip(ids.tolist(), weights.tolist())):
+            token, acc = (x, out) if len(x) == 1 else (x[row : row + 1], out[row : row + 1])
+            for expert, gate in zip(experts, gates):
+                gate_proj, up = torch.mm(token, gate_up[expert]).chunk(2, dim=-1)
+                acc.add_(torch.mm(F.silu(gate_proj) * up, down[expert]), alpha=gate)
+        return out
+
     def looped(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One matmul per expert over its contiguous block of tokens (the CPU path)."""
+        """One matmul per expert over its contiguous block of tokens (the reference for the other paths)."""
         outputs = []
         for expert, chunk in enumerate(routed.split(counts.tolist())):
             if chunk.shape[0]:
@@ -76,6 +147,12 @@ class RoutedExperts(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+
+    def grouped_cpu(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMMs with GroupedLinear's backward (the CPU path)."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = GroupedLinear.apply(routed, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        return GroupedLinear.apply(F.silu(gate) * up, self.down_proj, offsets)
 
 
 class MoE(nn.Module):
@@ -98,8 +175,9 @@ class MoE(nn.Module):
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         weights, ids, scores = self.gate(flat)
-        counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
+        counts = None
         if self.training:  # inference forwards (e.g. GRPO rollouts) must not count towards balancing
+            counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         out = self.experts(flat, weights, ids, counts).view(b, t, h)

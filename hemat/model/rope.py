@@ -41,7 +41,13 @@ def yarn_inv_freq(dim: int, theta: float, yarn: dict) -> tuple[torch.Tensor, flo
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps positions [B, T] to (cos, sin) [B, T, dim/2] in float32."""
+    """Maps positions [B, T] to the tables apply_rope takes, float32: (cos, sin) [B, T, 1, dim] (each
+    frequency's value repeated over the two dimensions it rotates, sin signed so that the rotation is
+    x·cos + swap(x)·sin) and, at inference with a small dim, the same rotation as one matrix per token
+    [B, T, dim, dim] (else None): one matmul instead of five elementwise calls. Computed once per
+    forward, shared by every layer."""
+
+    MAX_MATRIX_ELEMENTS = 1 << 22  # rotation matrices only while B·T·dim² stays below this
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -50,6 +56,9 @@ class RotaryEmbedding(nn.Module):
         self.yarn = config.yarn
         self.interleaved = config.is_mla and config.rope_interleave
         self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
+        half = self.dim // 2  # swap: the other dimension of each rotated pair
+        swap = torch.arange(self.dim) ^ 1 if self.interleaved else (torch.arange(self.dim) + half) % self.dim
+        self.register_buffer("swap", swap, persistent=False)
         self.attention_factor = 1.0
         self.reset_parameters()
 
@@ -58,19 +67,36 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_factor = yarn_inv_freq(self.dim, self.theta, self.yarn)
         else:
             inv_freq = 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+        half = self.dim // 2
+        swap = torch.arange(self.dim) ^ 1 if self.interleaved else (torch.arange(self.dim) + half) % self.dim
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+            self.swap.copy_(swap.to(self.swap.device))
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         angles = positions.float()[..., None] * self.inv_freq.float()
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        if self.interleaved:  # pairs (x0, x1), (x2, x3), ...: x0' = x0·c - x1·s, x1' = x1·c + x0·s
+            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # halves: x_i' = x_i·c - x_{i+d/2}·s, x_{i+d/2}' = x_{i+d/2}·c + x_i·s
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        rotation = None
+        if not torch.is_grad_enabled() and positions.numel() * self.dim**2 <= self.MAX_MATRIX_ELEMENTS:
+            # x' = x · R with R[j, j] = cos_j and R[swap(j), j] = sin_j
+            rotation = torch.diag_embed(cos) + torch.diag_embed(sin).index_select(-2, self.swap)
+        return cos[:, :, None], sin[:, :, None], rotation
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [B, T, heads, dim]; cos/sin [B, T, dim/2]."""
-    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None, *,
+               interleaved: bool) -> torch.Tensor:
+    """x [B, T, heads, dim] with the tables of RotaryEmbedding → x·cos + swap(x)·sin, where swap exchanges
+    the two dimensions of each rotated pair; as x · rotation when the matrices are given."""
+    if rotation is not None:
+        return torch.matmul(x, rotation if rotation.dtype == x.dtype else rotation.to(x.dtype))
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleaved:
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos, swapped, sin)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hemat import cost
 from hemat.errors import HematError
+from hemat.model.dense import weights_changed
 from hemat.model.transformer import CausalLM
 from hemat.train import checkpoint, parallel
 from hemat.train.config import TrainConfig
@@ -63,12 +64,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start: start + chunk], targets[start: start + chunk]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = F.linear(h, weight).float()
             valid = (t != IGNORE_INDEX).unsqueeze(1)
             index = t.clamp(min=0).unsqueeze(1)
-            total += ((lse.unsqueeze(1) - logits.gather(1, index)) * valid).sum()
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            total -= (logits.log_softmax(dim=-1).gather(1, index) * valid).sum()
+            grad = logits.softmax(dim=-1)  # recomputed: on CPU faster than exp() of the log-softmax
             grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype)).mul_(valid)
             grad = grad.to(h.dtype)
             torch.mm(grad, weight.to(h.dtype), out=grad_hidden[start: start + chunk])
@@ -169,13 +169,17 @@ class Trainer:
     (loss, {name: detached scalar}) with the loss averaged over the batch's counted targets (those whose
     loss_mask is not 0); the default is `lm_loss`. `run_config` (YAML text) is written to
     RUN/config.yaml; `extra_files` (e.g. the tokenizer) are copied into every checkpoint. Under DDP every parameter must get a gradient:
-    with train.mtp_weight = 0 the MTP layers are frozen, so a loss_fn that skips them needs that."""
+    with train.mtp_weight = 0 the MTP layers are frozen, so a loss_fn that skips them needs that.
+    `step_metrics(step)`, called after every optimizer step, returns more values for that step's
+    metrics record (e.g. GRPO's rollout rewards, or a periodic accuracy check)."""
 
     def __init__(self, model: CausalLM, config: TrainConfig, run_dir: str | Path, source: BatchSource, *,
                  loss_fn: LossFn | None = None, val_batches: Callable[[], Iterable[Batch]] | None = None,
                  bytes_per_token: float | None = None, stage: str = "pretrain", env: parallel.DistEnv | None = None,
-                 extra_files: Iterable[Path] = (), run_config: str | None = None):
+                 extra_files: Iterable[Path] = (), run_config: str | None = None,
+                 step_metrics: Callable[[int], dict] | None = None):
         self.config, self.source, self.stage, self.run_config = config, source, stage, run_config
+        self.step_metrics = step_metrics
         self.run_dir = Path(run_dir)
         self.env = env or parallel.setup(config.device)
         self.val_batches, self.bytes_per_token = val_batches, bytes_per_token
@@ -309,6 +313,7 @@ class Trainer:
         if math.isfinite(losses["objective"]) and math.isfinite(grad_norm):
             self.nonfinite = 0
             self.optimizer.step()
+            weights_changed()  # fused optimizers update in place without moving version counters
             if loads is not None:
                 self._update_router_biases(loads)
                 record["load_imbalance"] = {name: round(v, 4) for name, v in zip(self.moe_names, host[n + 2:])}
@@ -323,6 +328,8 @@ class Trainer:
                       mfu=self.flops_per_token * tokens_per_s / (self.peak * self.device_count),
                       dollars=self._wall_seconds() * self.device_count / 3600 * self.price,
                       elapsed_s=self._wall_seconds())
+        if self.step_metrics is not None:
+            record.update(self.step_metrics(step))
         return record
 
     def _token_counts(self, batches: list[Batch]) -> tuple[list[float], float]:
