@@ -131,6 +131,11 @@ def lm_loss(model: CausalLM, batch: Batch, mtp_weight: float = 0.0, chunk: int =
         mtp = mtp_loss(model, hidden, inputs, targets, chunk)
         loss = loss + mtp_weight * mtp
         parts["mtp_loss"] = mtp.detach()
+    return add_balance_loss(model, loss, parts)
+
+
+def add_balance_loss(model: CausalLM, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
+    """Add the MoE layers' sequence-wise balance losses of this forward (training only)."""
     if model.training:
         balance = [m.balance_loss for m in model.moe_layers() if m.balance_alpha > 0 and m.balance_loss is not None]
         if balance:

@@ -289,7 +289,7 @@ class DocumentMask:
 def sft_loss(model, batch, mtp_weight: float = 0.0, chunk: int = 2048) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on the assistant targets of packed rows (+ λ · the MTP loss, whose depth-k targets
     count only inside the same conversation, + the MoE balance losses while training)."""
-    from hemat.train.loop import IGNORE_INDEX, token_cross_entropy
+    from hemat.train.loop import IGNORE_INDEX, add_balance_loss, token_cross_entropy
 
     inputs, targets, mask, positions, documents = batch
     hidden = model.model(inputs, positions, DocumentMask(documents))
@@ -309,13 +309,7 @@ def sft_loss(model, batch, mtp_weight: float = 0.0, chunk: int = 2048) -> tuple[
         mtp = torch.stack(losses).mean()
         loss = loss + mtp_weight * mtp
         parts["mtp_loss"] = mtp.detach()
-    if model.training:
-        balance = [m.balance_loss for m in model.moe_layers() if m.balance_alpha > 0 and m.balance_loss is not None]
-        if balance:
-            total = torch.stack(balance).sum()
-            loss = loss + total
-            parts["balance_loss"] = total.detach()
-    return loss, parts
+    return add_balance_loss(model, loss, parts)
 
 
 # ---- the stage --------------------------------------------------------------------------------------------
