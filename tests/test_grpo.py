@@ -110,26 +110,28 @@ def test_micro_batches_give_each_aggregation_exactly(checkpoint):
         samples.append(Sample(prompt_ids(tokenizer, p), completion, "", "stop", Verdict(False, False), 0.0,
                               advantage=[1.0, -0.5, 2.0, -1.5, 0.25][i]))
     beta, max_new = 0.5, 8
-    by_hand = []  # per sample: the token losses -A + β k3 (on-policy, ρ = 1)
-    with torch.no_grad():
-        for s in samples:
-            ids = torch.tensor([s.prompt_ids + s.completion_ids])
-            at = torch.arange(len(s.prompt_ids) - 1, ids.shape[1] - 1)
-            targets = ids[0, at + 1]
-            lp = torch.log_softmax(model(ids[:, :-1])[0, at], -1).gather(1, targets[:, None])[:, 0]
-            rlp = torch.log_softmax(reference(ids[:, :-1])[0, at], -1).gather(1, targets[:, None])[:, 0]
-            by_hand.append(-s.advantage + beta * k3_kl(lp, rlp))
-    n, tokens = len(samples), sum(len(t) for t in by_hand)
-    expected = {"sequence": sum(t.mean() for t in by_hand) / n, "token": sum(t.sum() for t in by_hand) / tokens,
-                "constant": sum(t.sum() for t in by_hand) / (n * max_new)}
-    for mode in AGGREGATIONS:
-        cfg = settings(loss_aggregation=mode, beta=beta, max_new_tokens=max_new)
-        source = RolloutSource(model, reference, tokenizer, problems, cfg, accum=3, device=torch.device("cpu"))
-        micro = source._micro_batches(samples)
-        counts = [(mb[2] != 0).sum() for mb in micro]
-        assert len(micro) == 3 and sum(counts) == tokens
-        got = sum(c / tokens * grpo_loss(model, mb, 0.2, 0.2, beta, on_policy=True)[0] for c, mb in zip(counts, micro))
-        torch.testing.assert_close(got, expected[mode], atol=1e-5, rtol=1e-5)
+    for temperature in (1.0, 0.7):  # the policy is softmax(logits / T), the distribution rollouts sample
+        by_hand = []  # per sample: the token losses -A + β k3 (on-policy, ρ = 1)
+        with torch.no_grad():
+            for s in samples:
+                ids = torch.tensor([s.prompt_ids + s.completion_ids])
+                at = torch.arange(len(s.prompt_ids) - 1, ids.shape[1] - 1)
+                targets = ids[0, at + 1]
+                lp = torch.log_softmax(model(ids[:, :-1])[0, at] / temperature, -1).gather(1, targets[:, None])[:, 0]
+                rlp = torch.log_softmax(reference(ids[:, :-1])[0, at] / temperature, -1).gather(1, targets[:, None])[:, 0]
+                by_hand.append(-s.advantage + beta * k3_kl(lp, rlp))
+        n, tokens = len(samples), sum(len(t) for t in by_hand)
+        expected = {"sequence": sum(t.mean() for t in by_hand) / n, "token": sum(t.sum() for t in by_hand) / tokens,
+                    "constant": sum(t.sum() for t in by_hand) / (n * max_new)}
+        for mode in AGGREGATIONS:
+            cfg = settings(loss_aggregation=mode, beta=beta, max_new_tokens=max_new, temperature=temperature)
+            source = RolloutSource(model, reference, tokenizer, problems, cfg, accum=3, device=torch.device("cpu"))
+            micro = source._micro_batches(samples)
+            counts = [(mb[2] != 0).sum() for mb in micro]
+            assert len(micro) == 3 and sum(counts) == tokens
+            got = sum(c / tokens * grpo_loss(model, mb, 0.2, 0.2, beta, True, temperature)[0]
+                      for c, mb in zip(counts, micro))
+            torch.testing.assert_close(got, expected[mode], atol=1e-5, rtol=1e-5)
     # more micro-batches than sequences: empty ones add nothing
     empty = RolloutSource(model, None, tokenizer, problems, settings(beta=0.0), accum=7, device=torch.device("cpu"))
     micro = empty._micro_batches(samples)

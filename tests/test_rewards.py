@@ -83,8 +83,12 @@ def test_problem_files(tmp_path):
 
 
 def test_embedded_problems_are_training_side():
-    from hemat.data.synthetic import problem_split
+    from hemat.data.synthetic import problem_split, train_problems
 
     problems = embedded_problems(50, seed=3)
     assert len(problems) == 50 and all(problem_split(p.question) == "train" for p in problems)
     assert all(p.answer.lstrip("-").isdigit() for p in problems)
+    # a list of levels shares the pool: level 1 listed twice gets two thirds of it
+    mixed = embedded_problems(30, seed=3, difficulty=[1, 1, 2])
+    levels = {p.question: p.difficulty for level in (1, 2) for p in train_problems(20, 3 + 1000 * level, level)}
+    assert len({p.id for p in mixed}) == 30 and [levels[p.question] for p in mixed] == [1, 1, 2] * 10

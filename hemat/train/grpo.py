@@ -67,7 +67,7 @@ class GRPOConfig:
     data: str | None = None  # problems JSONL (rewards.load_problems); null: embedded arithmetic problems
     problems: int = 5000  # embedded: training-side problems in the pool
     problem_seed: int = 1  # embedded: the generator's seed (SFT's default is 0: GRPO sees other problems)
-    difficulty: int | None = None  # embedded: 1-3, null mixes them
+    difficulty: int | list[int] | None = None  # embedded: a level 1-3, a list of levels sharing the pool, null: mixed
     steps: int = 60  # optimizer steps
     prompts_per_step: int = 16  # groups per rollout
     group_size: int = 8  # G: samples per prompt
@@ -97,6 +97,7 @@ class GRPOConfig:
     eval_problems: int = 0  # greedy accuracy on this many held-out problems (0: off)
     eval_data: str | None = None  # problems JSONL for that check; null: embedded held-out problems
     eval_interval: int = 0  # steps between those checks (0: only at the end)
+    eval_max_tokens: int = 256  # tokens per greedy answer in those checks
     checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     speculative: str = "off"  # MTP drafts in the rollouts: off | auto
@@ -114,7 +115,7 @@ class GRPOConfig:
             if getattr(self, key) is None:
                 setattr(self, key, value)
         for key in ("steps", "prompts_per_step", "minibatches", "micro_batch_size", "max_new_tokens",
-                    "max_sampling_rounds", "keep_checkpoints", "problems", "reward_workers"):
+                    "max_sampling_rounds", "keep_checkpoints", "problems", "reward_workers", "eval_max_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigValueError(f"grpo.{key} must be positive, got {getattr(self, key)}")
         if self.group_size < 2:
@@ -137,8 +138,9 @@ class GRPOConfig:
                                    f"({self.max_new_tokens})")
         if self.speculative not in ("off", "auto"):
             raise ConfigValueError(f"grpo.speculative: expected off or auto, got {self.speculative!r}")
-        if self.difficulty not in (None, 1, 2, 3):
-            raise ConfigValueError(f"grpo.difficulty must be 1, 2, 3 or null, got {self.difficulty}")
+        levels = self.difficulty if isinstance(self.difficulty, list) else [self.difficulty or 1]
+        if not levels or any(level not in (1, 2, 3) for level in levels):
+            raise ConfigValueError(f"grpo.difficulty must be 1, 2, 3, a list of them or null, got {self.difficulty}")
 
 
 # ---- the objective ----------------------------------------------------------------------------------------
@@ -238,8 +240,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, n:
     pages = math.ceil((max(len(p) for p in prompts) + max_new_tokens + 1) / 16) + 1
     engine = Engine(model, tokenizer, max_batch_size=batch, cache_tokens=batch * pages * 16, page_size=16,
                     speculative=speculative)
-    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, n=n,
-                             seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
+    context = model.config.max_position_embeddings
+    if max(len(p) for p in prompts) >= context:
+        raise HematError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit the context ({context})")
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=min(max_new_tokens, context - len(p)),
+                             n=n, seed=None if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
     outputs = engine.generate(prompts, params)
     for out in outputs:
         if out.error:
@@ -524,7 +529,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         def step_metrics(step: int) -> dict:
             out = source.take_metrics()
             if held_out and (step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                out["eval_accuracy"] = greedy_accuracy(model, tokenizer, held_out, cfg.max_new_tokens)
+                out["eval_accuracy"] = greedy_accuracy(model, tokenizer, held_out, cfg.eval_max_tokens)
             return out
 
         config.raw["model"] = model.config.to_hf_dict()

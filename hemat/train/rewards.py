@@ -16,6 +16,7 @@ from hemat's embedded arithmetic generator (training side only: never a held-out
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +180,17 @@ def _problem(record, where: str, default_id: str) -> Problem:
     return Problem(pid, question.strip(), answer=answer)
 
 
-def embedded_problems(n: int, seed: int = 0, difficulty: int | None = None) -> list[Problem]:
-    """hemat's arithmetic word problems from the training side of the split (never eval questions)."""
+def embedded_problems(n: int, seed: int = 0, difficulty: int | list[int] | None = None) -> list[Problem]:
+    """hemat's arithmetic word problems from the training side of the split (never eval questions).
+    difficulty: one level (1-3), None for the generator's own mix, or a list of levels that share the n
+    problems equally (a level listed twice gets twice the share), interleaved."""
     from hemat.data.synthetic import train_problems
 
-    return [Problem(p.id, p.question, answer=str(p.answer)) for p in train_problems(n, seed, difficulty)]
+    if not isinstance(difficulty, list):
+        return [Problem(p.id, p.question, answer=str(p.answer)) for p in train_problems(n, seed, difficulty)]
+    if not difficulty:
+        raise HematError("difficulty: an empty list of levels")
+    share = {level: math.ceil(n * difficulty.count(level) / len(difficulty)) for level in difficulty}
+    # each level from its own seed, so that the levels' problems do not share names and numbers
+    pools = {level: iter(embedded_problems(k, seed + 1000 * level, level)) for level, k in share.items()}
+    return [next(pools[difficulty[i % len(difficulty)]]) for i in range(n)]
