@@ -18,7 +18,7 @@ from hemat.train.grpo import (
     AGGREGATIONS, GRPOConfig, RolloutSource, Sample, aggregation_weights, generate, group_advantages, grpo_loss,
     informative_groups, k3_kl, load_grpo_config, prompt_ids, run_grpo, token_losses, token_objective,
 )
-from hemat.train.rewards import Problem, Verdict, embedded_problems
+from hemat.train.rewards import Problem, Verdict, embedded_problems, reward, verify
 from hf_models import make_hf_model
 from test_sft import FAST, make_checkpoint, make_tokenizer
 
@@ -171,7 +171,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 GRPO_FAST = FAST + ["grpo.problems=50", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.max_new_tokens=12",
-                    "grpo.micro_batch_size=4", "grpo.lr=1e-3", "grpo.eval_problems=4"]
+                    "grpo.micro_batch_size=4", "grpo.lr=1e-3", "grpo.warmup_steps=0", "grpo.temperature=1.0",
+                    "grpo.eval_problems=4"]
 
 
 def check_run(run: Path, steps: int, result: dict) -> None:
@@ -191,14 +192,18 @@ def check_run(run: Path, steps: int, result: dict) -> None:
 
 
 def test_grpo_end_to_end_on_deepseek_v3_with_resume(checkpoint, tmp_path):
+    def score(problem, completion_ids, text):  # the rules, plus the first token's parity, so that a random
+        verdict = verify(problem, text)       # model's groups have mixed rewards and the policy moves
+        return verdict, reward(verdict, 0.1) + completion_ids[0] % 2
+
     run = tmp_path / "run"
     overrides = GRPO_FAST + [f"grpo.model={checkpoint}", "grpo.steps=3", "grpo.minibatches=2"]
-    result = run_grpo(load_grpo_config("cpu-tiny", overrides), run)
+    result = run_grpo(load_grpo_config("cpu-tiny", overrides), run, score_fn=score)
     check_run(run, 3, result)
     records = read_metrics(run)
     assert "reward" in records[0] and "reward" not in records[1] and "reward" in records[2]  # a rollout per 2 steps
     assert records[1]["kl"] > 0  # the second minibatch runs on a policy that has moved
-    run_grpo(load_grpo_config(run / "config.yaml", FAST + ["grpo.steps=4"]), run, resume="latest")
+    run_grpo(load_grpo_config(run / "config.yaml", FAST + ["grpo.steps=4"]), run, resume="latest", score_fn=score)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
 
 
@@ -233,7 +238,7 @@ def test_policy_learns_a_toy_reward(checkpoint, tmp_path):
     before = rewarded_share(from_pretrained(checkpoint))
     overrides = FAST + [f"grpo.model={checkpoint}", "grpo.steps=10", "grpo.prompts_per_step=8", "grpo.group_size=8",
                         "grpo.max_new_tokens=4", "grpo.micro_batch_size=64", "grpo.lr=1e-2", "grpo.beta=0.0",
-                        "grpo.log_kl=false"]
+                        "grpo.log_kl=false", "grpo.temperature=1.0", "grpo.warmup_steps=0"]
     result = run_grpo(load_grpo_config("cpu-tiny", overrides), tmp_path / "run", score_fn=score)
     after = rewarded_share(from_pretrained(result["checkpoint"]))
     rewards = [r["reward"] for r in read_metrics(tmp_path / "run")]

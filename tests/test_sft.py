@@ -166,6 +166,11 @@ def test_sft_trains_resumes_and_keeps_the_ledger(checkpoint, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 29))
     assert [s.stage for s in cost.Ledger.load(run).stages] == ["pretrain", "sft"]
+    # SFT again on the SFT model: its stages come along and this one is counted apart
+    again = load_sft_config("cpu-tiny", FAST + ["sft.problems=100", "sft.val_examples=0", "sft.steps=2",
+                                                "sft.seq_len=256", "sft.batch_tokens=512", "sft.micro_batch_size=2"])
+    run_sft(again, tmp_path / "again", model_dir=run / "checkpoints" / "step-28")
+    assert [s.stage for s in cost.Ledger.load(tmp_path / "again").stages] == ["pretrain", "sft", "sft-2"]
 
 
 def test_bad_chat_files_name_the_line(tmp_path):

@@ -12,9 +12,11 @@ A_i = r_i - mean(r) (Dr. GRPO). The policy maximises, for completion token t of 
 
 summed over tokens with one of three normalisers: GRPO's mean over samples of each sample's token
 mean ("sequence"), DAPO's mean over all tokens ("token"), or Dr. GRPO's sum / (samples × max_new_tokens)
-("constant"). One rollout feeds `minibatches` optimizer steps: the first is on-policy (ρ = 1, the
-clip idle), the later ones are off-policy and the clip bounds them. DAPO's dynamic sampling drops
-groups whose rewards are all equal (they carry no signal) and samples more prompts to refill the batch.
+("constant"). π is the distribution the rollouts sample, softmax(logits / temperature). One rollout
+feeds `minibatches` optimizer steps: the first is on-policy (ρ = 1, the clip idle), the later ones are
+off-policy and the clip bounds them. DAPO's dynamic sampling drops groups whose rewards are all equal
+(they carry no signal) and samples more prompts, up to max_sampling_rounds, to refill the batch. With
+β > 0 every group, even one of equal rewards, still pulls the policy back toward the reference.
 
 Variants fill the knobs left null:
     grpo     ε_high = ε, β = 0.001, std scaling, "sequence"                                  (R1)
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import random
 import time
 from collections import deque
@@ -49,7 +52,8 @@ from hemat.train.rewards import (
     Problem, Verdict, embedded_problems, load_problems, overlong_penalty, reward, verify,
 )
 from hemat.train.sft import (
-    DEFAULT_CONFIG, add_stage_arguments, inherit_ledger, resolve_stage_config, stage_train_config, tokenizer_files,
+    DEFAULT_CONFIG, add_stage_arguments, inherit_ledger, resolve_stage_config, stage_name, stage_train_config,
+    starting_checkpoint, tokenizer_files,
 )
 
 VARIANTS = {
@@ -439,8 +443,6 @@ PLOTTED = [("reward", "reward"), ("accuracy", "accuracy (samples)"), ("eval_accu
 
 
 def plot_grpo(records: list[dict], png: str | Path) -> None:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,9 +493,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
     from hemat.train.loop import Trainer, prepare_process
 
     cfg: GRPOConfig = config.sections["grpo"]
-    model_dir = Path(model_dir or cfg.model or "")
-    if not str(model_dir) or not model_dir.is_dir():
-        raise HematError(f"grpo: give the checkpoint to start from (--model DIR or grpo.model); got {str(model_dir)!r}")
+    model_dir = starting_checkpoint(model_dir or cfg.model, "grpo")
     cfg.model = config.raw["grpo"]["model"] = str(model_dir)
     tokenizer = load_tokenizer(model_dir)
     if not tokenizer.chat_template:
@@ -509,11 +509,13 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
     per_minibatch = math.ceil(cfg.prompts_per_step * cfg.group_size / cfg.minibatches)
     accum = math.ceil(per_minibatch / cfg.micro_batch_size)
     seq_len = min(longest + cfg.max_new_tokens, context)
+    # the policy moves by the policy gradient alone: no MTP loss, no balance loss, and no aux-loss-free
+    # bias steps, which would shift the routing (and so the policy) by a rule blind to the reward
     train = stage_train_config(
         config.train, steps=cfg.steps, seq_len=seq_len, micro_batch_size=cfg.micro_batch_size,
         batch_tokens=cfg.micro_batch_size * seq_len * accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, mtp_weight=0.0, balance_loss_alpha=0.0, eval_interval=0,
+        grad_clip=cfg.grad_clip, mtp_weight=0.0, balance_loss_alpha=0.0, bias_update_speed=0.0, eval_interval=0,
         checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints, seed=cfg.seed)
     env = prepare_process(train)
     if env.world_size > 1:
@@ -536,7 +538,8 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         if not resume:
             inherit_ledger(model_dir, run_dir)
         on_policy = cfg.minibatches == 1
-        trainer = Trainer(model, train, run_dir, source, stage="grpo", env=env, step_metrics=step_metrics,
+        trainer = Trainer(model, train, run_dir, source, stage=stage_name("grpo", run_dir, resume), env=env,
+                          step_metrics=step_metrics,
                           loss_fn=lambda m, b: grpo_loss(m, b, cfg.epsilon, cfg.epsilon_high, cfg.beta, on_policy,
                                                          cfg.temperature),
                           extra_files=tokenizer_files(model_dir), run_config=config.to_yaml())

@@ -103,6 +103,29 @@ def inherit_ledger(model_dir: str | Path, run_dir: str | Path) -> None:
     ledger.save()
 
 
+def starting_checkpoint(path: str | Path | None, stage: str) -> Path:
+    if not path or not Path(path).is_dir():
+        raise HematError(f"{stage}: give the checkpoint to start from (--model DIR or {stage}.model); got {path!r}")
+    return Path(path)
+
+
+def stage_name(base: str, run_dir: str | Path, resume: str | None) -> str:
+    """The ledger name of this run's stage: `base`, or `base-2`, ... when the stages inherited from the
+    starting checkpoint already hold one (SFT on an SFT model); a resumed run keeps its checkpoint's."""
+    from hemat import cost
+    from hemat.train import checkpoint
+
+    if resume:
+        state = checkpoint.resolve_resume(run_dir, resume) / checkpoint.STATE_DIR / "state.json"
+        return json.loads(state.read_text()).get("stage", base)
+    taken = {s.stage for s in cost.Ledger.load_or_new(run_dir).stages}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
 # ---- data: conversations → token ids and the loss mask --------------------------------------------------
 def read_chats(path: str | Path) -> list[list[dict]]:
     """The conversations of a chat JSONL file, checked line by line."""
@@ -327,9 +350,7 @@ def run_sft(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | N
     from hemat.train.loop import Trainer, prepare_process
 
     cfg: SFTConfig = config.sections["sft"]
-    model_dir = Path(model_dir or cfg.model or "")
-    if not str(model_dir) or not model_dir.is_dir():
-        raise HematError(f"sft: give the checkpoint to start from (--model DIR or sft.model); got {str(model_dir)!r}")
+    model_dir = starting_checkpoint(model_dir or cfg.model, "sft")
     cfg.model = config.raw["sft"]["model"] = str(model_dir)
     tokenizer = load_tokenizer(model_dir)
     if not tokenizer.chat_template:
@@ -365,9 +386,10 @@ def run_sft(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | N
                   f"{cfg.seq_len}; {tokens:,} assistant tokens"
                   + (f"; {train_rows.truncated} cut to seq_len" if train_rows.truncated else ""), flush=True)
         config.raw["model"] = model.config.to_hf_dict()
-        if not resume and env.is_main:
+        if not resume:
             inherit_ledger(model_dir, run_dir)
-        trainer = Trainer(model, train, run_dir, loader, val_batches=val_batches, stage="sft", env=env,
+        trainer = Trainer(model, train, run_dir, loader, val_batches=val_batches, env=env,
+                          stage=stage_name("sft", run_dir, resume),
                           loss_fn=lambda m, b: sft_loss(m, b, train.mtp_weight, train.loss_chunk_tokens),
                           extra_files=tokenizer_files(model_dir), run_config=config.to_yaml())
         result = trainer.fit(resume)
