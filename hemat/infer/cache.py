@@ -141,23 +141,32 @@ class PagedCache:
         """Prepare a forward over len(block_tables) rows where row i writes lengths[i] new tokens at
         positions starts[i]... and attends to every cached token before them. Returns the positions
         [B, T] of the new tokens (padding positions repeat past the row's end and are masked)."""
-        dev, ps = self.device, self.page_size
-        b, t = len(block_tables), max(lengths)
+        ps = self.page_size
+        t = max(lengths)
         totals = [first + n for first, n in zip(starts, lengths)]
-        s = max(totals)
-        width = -(-s // ps)  # pages that hold positions < s
-        table = torch.tensor([list(p[:width]) + [0] * (width - len(p[:width])) for p in block_tables],
-                             dtype=torch.long, device=dev)
-        start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
-        total = torch.tensor(totals, dtype=torch.long, device=dev)[:, None]
-        q_pos = start + self._arange(t)  # [B, T]
-        k_pos = self._arange(s)  # [S]
-        slot_of = (table[:, :, None] * ps + self._arange(ps)).flatten(1)  # [B, width * ps]: slot of each position
-        self._write = torch.where(q_pos < total, slot_of.gather(1, q_pos.clamp(max=width * ps - 1)), 0).flatten()
+        width = -(-max(totals) // ps)  # pages that hold positions < s
+        # one host-to-device copy for the step: [block table | start | total] per row
+        rows = [list(p[:width]) + [0] * (width - len(p[:width])) + [first, total]
+                for p, first, total in zip(block_tables, starts, totals)]
+        step = torch.tensor(rows, dtype=torch.long).to(self.device)
+        return self.set_step(step[:, :width], step[:, width : width + 1], step[:, width + 1 :], t, max(totals))
+
+    def set_step(self, table: torch.Tensor, start: torch.Tensor, total: torch.Tensor, t: int, s: int,
+                 own_aranges: bool = False) -> torch.Tensor:
+        """begin_step's device half, from tensors: block tables [B, W] (W · page_size >= s), first new
+        position [B, 1] and positions written after the step [B, 1]; T new tokens per row over a span of S.
+        Only tensor ops on fixed shapes, so a CUDA graph can record it (see cuda_graphs.py); a graph
+        passes own_aranges=True so that it reads no kept tensor that a later, longer step replaces."""
+        ps = self.page_size
+        arange = (lambda n: torch.arange(n, device=self.device)) if own_aranges else self._arange
+        q_pos = start + arange(t)  # [B, T]
+        k_pos = arange(s)  # [S]
+        slot_of = (table[:, :, None] * ps + arange(ps)).flatten(1)  # [B, W * ps]: slot of each position
+        self._write = torch.where(q_pos < total, slot_of.gather(1, q_pos.clamp(max=slot_of.shape[1] - 1)), 0).flatten()
         self._read = torch.where(k_pos < total, slot_of[:, :s], 0).flatten()
         # a padded query attends like the row's last token, so no softmax row is empty
         self._mask = k_pos <= torch.minimum(q_pos, total - 1)[:, :, None]  # [B, T, S]
-        self._shape = (b, t, s)
+        self._shape = (table.shape[0], t, s)
         return q_pos
 
     def _arange(self, n: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ its prompt and max_tokens up front, so admitted sequences never have to be preem
 advances the admitted prompts by one padded prefill forward of at most max_prefill_tokens tokens
 (reusing cached prefix pages; long prompts take several steps, so running sequences keep decoding),
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
-the model carries MTP layers. Sequences leave the batch the step they finish; new ones join.
+the model carries MTP layers. Sequences leave the batch the step they finish; new ones join. On CUDA
+the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
 gives the same tokens alone or in any batch. `step()` runs either on a background thread (`start()`)
@@ -27,6 +28,7 @@ import torch
 
 from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
+from hemat.infer.cuda_graphs import BucketedDecode
 from hemat.infer.reasoning import REASONING, ReasoningSplitter
 from hemat.infer.sampling import SamplingParams, make_generator, sample, stop_token_set
 from hemat.infer.speculative import MTPDrafter
@@ -209,7 +211,8 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
-                 page_size: int = 16, speculative: str = "auto", device=None, max_prefill_tokens: int = 2048):
+                 page_size: int = 16, speculative: str = "auto", device=None, max_prefill_tokens: int = 2048,
+                 cuda_graphs: str = "auto"):
         if device is not None:
             model.to(device)
         self.model, self.tokenizer = model, tokenizer
@@ -222,6 +225,11 @@ class Engine:
             raise HematError("speculative='mtp' needs a checkpoint with MTP layers (num_nextn_predict_layers > 0)")
         if max_batch_size < 1:
             raise HematError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if cuda_graphs not in ("auto", "on", "eager", "off"):
+            raise HematError(f"cuda_graphs must be 'auto', 'on', 'eager' or 'off', got {cuda_graphs!r}")
+        if cuda_graphs == "on" and self.device.type != "cuda":
+            raise HematError(f"cuda_graphs='on' needs a CUDA device, the model is on {self.device.type} "
+                             "('eager' runs the same bucketed decode step without graphs)")
         self.spec_depth = len(model.mtp_layers) if speculative != "off" else 0
         self.max_batch_size, self.page_size, self.max_prefill_tokens = max_batch_size, page_size, max_prefill_tokens
         num_layers = self.config.num_hidden_layers + self.spec_depth
@@ -232,6 +240,11 @@ class Engine:
         self.cache = PagedCache(self.config, math.ceil(cache_tokens / page_size), page_size, model.dtype,
                                 self.device, num_layers)
         self.drafter = MTPDrafter(model, self.cache) if self.spec_depth else None
+        # plain decode rounds at static shapes: recorded as CUDA graphs ("auto" on CUDA, "on"), or run
+        # eagerly ("eager", for tests); MTP draft-and-verify rounds stay eager
+        capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
+        self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture)
+                              if (capture or cuda_graphs == "eager") and not self.spec_depth else None)
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else self.config.eos_token_ids
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not fully in the cache yet
@@ -499,12 +512,16 @@ class Engine:
             return
         for seq in seqs:
             self._grow(seq, seq.num_cached + 1)
-        ids = torch.tensor([[s.output[-1]] for s in seqs], device=self.device)
-        positions = self.cache.begin_step([s.pages for s in seqs], [s.num_cached for s in seqs], [1] * len(seqs))
-        hidden = self.model.model(ids, positions, self.cache)
+        if self.static_decode is not None and self.static_decode.enabled:
+            logits = self.static_decode([s.output[-1] for s in seqs], [s.pages for s in seqs],
+                                        [s.num_cached for s in seqs])
+        else:
+            ids = torch.tensor([[s.output[-1]] for s in seqs], device=self.device)
+            positions = self.cache.begin_step([s.pages for s in seqs], [s.num_cached for s in seqs], [1] * len(seqs))
+            logits = self.model.logits(self.model.model(ids, positions, self.cache)[:, 0])
         for seq in seqs:
             seq.num_cached += 1
-        self._sample_and_append(seqs, self.model.logits(hidden[:, 0]))
+        self._sample_and_append(seqs, logits)
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         if all(s.params.greedy and not s.params.logprobs and _unpenalised(s.params) for s in seqs):
@@ -643,7 +660,8 @@ class Engine:
         out = dict(self.counters, running=len(self.running), prefilling=len(self.prefilling), waiting=waiting,
                    pages_total=self.cache.num_pages, pages_free=alloc.num_free, page_size=self.page_size,
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
-                   speculative_depth=self.spec_depth)
+                   speculative_depth=self.spec_depth,
+                   decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
         if self.drafter is not None:
             out.update(spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
                        spec_acceptance_rate=self.drafter.acceptance_rate)

@@ -5,13 +5,21 @@ RMSNorm, plus one RoPE key k_pe (qk_rope_head_dim) shared by all heads. Only (c_
 cached. Without a cache (training, full forward) the latent is expanded into per-head keys and
 values; with a cache, W_UK is absorbed into the query and W_UV into the output, so cached tokens are
 never expanded:  scores = [q_nope · W_UK ; q_pe] · [c_KV ; k_pe],  out = (P · c_KV) · W_UV, where the
-cached [c_KV ; k_pe] act as one key shared by every head (one batched matmul for all heads)."""
+cached [c_KV ; k_pe] act as one key shared by every head (one batched matmul for all heads).
+
+On CUDA the expanded (training / uncached) attention runs on the fastest SDPA backend that takes MLA's
+head sizes (q·k over qk_nope + qk_rope, v smaller): cuDNN first, then flash with V zero-padded to the
+qk head size (flash needs one head size; the padded output columns are zero and sliced off), then
+memory-efficient, then math. The choice is probed once per head sizes, dtype and device."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hemat.model.config import ModelConfig
 from hemat.model.dense import RMSNorm, additive_mask, attend, derived, transposed
@@ -68,10 +76,13 @@ class MLAttention(nn.Module):
 
     def _down_project(self, x: torch.Tensor) -> torch.Tensor:
         """[q_a(x) ; kv_a_proj_with_mqa(x)] as one matmul (training: over the weights concatenated, so
-        the gradient splits back; CPU inference: a kept transposed copy; else two matmuls)."""
+        the gradient splits back; CPU inference: a kept transposed copy; else, or when a projection
+        computes in FP8 (fp8.py), two matmuls)."""
         weights = (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
         if torch.is_grad_enabled():
-            return F.linear(x, torch.cat(weights))
+            if type(self.q_a_proj) is type(self.kv_a_proj_with_mqa) is nn.Linear:
+                return F.linear(x, torch.cat(weights))
+            return torch.cat((self.q_a_proj(x), self.kv_a_proj_with_mqa(x)), dim=-1)
         fused = transposed(self, "down", *weights) if x.is_cpu else None
         if fused is not None:
             return x @ fused
@@ -83,7 +94,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1)
-        return attend(q, k, v, None, self.scale)
+        return causal_attention(q, k, v, self.scale)
 
     def absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,S,r], k_pe [B,S,rope], mask [B,T,S] → [B,T,H,v]."""
@@ -155,3 +166,69 @@ def _joined(latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
             and k_pe.data_ptr() == latent.data_ptr() + r * latent.element_size() and latent.dtype == k_pe.dtype):
         return latent.as_strided((b, s, width), latent.stride())
     return torch.cat((latent, k_pe), dim=-1)
+
+
+# ---- the expanded attention's SDPA backend on CUDA ------------------------------------------------------
+SDPA_BACKENDS = {  # in the order they are tried
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash_padded_v": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention, q and k [B, T, H, d_qk], v [B, T, H, d_v] → [B, T, H, d_v]: dense.attend on CPU
+    (unchanged), on CUDA the backend sdpa_backend picked for these sizes."""
+    if not q.is_cuda:
+        return attend(q, k, v, None, scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    backend = sdpa_backend(q.shape[-1], v.shape[-1], str(q.dtype), str(q.device), grad)
+    return attention_with(backend, q, k, v, scale)
+
+
+def attention_with(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA restricted to one backend of SDPA_BACKENDS; "flash_padded_v" zero-pads V to the qk
+    head size and slices the output back (zero value columns only add zero output columns)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dv = v.shape[-1]
+    if backend == "flash_padded_v" and dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    with sdpa_kernel(SDPA_BACKENDS[backend]):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[..., :dv].transpose(1, 2)
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing and keeps the answer
+def sdpa_backend(d_qk: int, d_v: int, dtype: str, device: str, grad: bool) -> str:
+    """The first backend of SDPA_BACKENDS that runs causal attention with these head sizes (forward,
+    and backward when `grad`) and agrees with the math backend in fp32; probed once on random inputs."""
+    return _probe_sdpa_backend(d_qk, d_v, dtype, device, grad)
+
+
+@functools.cache
+def _probe_sdpa_backend(d_qk: int, d_v: int, dtype: str, device: str, grad: bool) -> str:
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."))
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (2, 256, 4)  # batch, tokens, heads
+    q, k = (torch.randn(*shape, d_qk, generator=gen, device=device).to(torch_dtype) for _ in "qk")
+    v = torch.randn(*shape, d_v, generator=gen, device=device).to(torch_dtype)
+    tolerance = 1e-4 if torch_dtype == torch.float32 else 5e-2  # relative to the largest reference value
+
+    def run(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v)]
+        out = attention_with(name, *inputs, d_qk**-0.5)
+        if grad:
+            out.float().square().sum().backward()
+        return [out.float()] + [t.grad.float() for t in inputs if grad]
+
+    with torch.enable_grad():
+        expected = run("math", torch.float32)
+        for name in SDPA_BACKENDS:
+            try:
+                got = run(name, torch_dtype)
+            except RuntimeError:  # no kernel for these sizes, dtype or device
+                continue
+            if all((g - e).abs().max() <= tolerance * e.abs().max() for g, e in zip(got, expected)):
+                return name
+    return "math"

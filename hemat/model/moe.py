@@ -11,6 +11,13 @@ from hemat.model.config import ModelConfig
 from hemat.model.dense import MLP, cpu_inference, derived
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert [E] (int64). Not torch.bincount: on CUDA it reads the largest id on
+    the host, a synchronisation per MoE layer that also keeps a decode step out of a CUDA graph."""
+    flat = ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Router(nn.Module):
     """s = sigmoid(x · Wᵀ) in fp32. The correction bias b (updated by the trainer, not by gradients)
     only decides which experts are chosen; the gating weights are the unbiased scores."""
@@ -88,7 +95,7 @@ class RoutedExperts(nn.Module):
         if stacked is not None and ids.numel() <= self.FEW_PAIRS:
             return self.pairwise(x, weights, ids, *stacked)
         if counts is None:
-            counts = torch.bincount(ids.flatten(), minlength=self.gate_up_proj.shape[0])
+            counts = expert_counts(ids, self.gate_up_proj.shape[0])
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)
         token_of = order // top_k
@@ -143,10 +150,14 @@ class RoutedExperts(nn.Module):
         return torch.cat(outputs)
 
     def grouped(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All experts in two grouped GEMMs, with no host sync (the GPU path; CPU has no backward for it)."""
+        """All experts in two grouped GEMMs, with no host sync (the GPU path; CPU has no backward for it).
+        In the autocast dtype: CUDA's grouped GEMM kernel takes bf16 only (other dtypes fall back to a
+        loop that reads the offsets on the host), and torch.compile accepts nothing else."""
         offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = torch._grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else routed.dtype
+        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        gate, up = torch._grouped_mm(routed.to(dtype), gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
 
     def grouped_cpu(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The grouped GEMMs with GroupedLinear's backward (the CPU path)."""
@@ -177,7 +188,7 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(flat)
         counts = None
         if self.training:  # inference forwards (e.g. GRPO rollouts) must not count towards balancing
-            counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
+            counts = expert_counts(ids, self.gate.n_experts)
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         out = self.experts(flat, weights, ids, counts).view(b, t, h)

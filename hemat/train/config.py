@@ -47,6 +47,7 @@ class TrainConfig:
     balance_loss_alpha: float = 0.0001  # α: sequence-wise balance loss weight (0 turns it off)
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile each decoder layer
+    fp8: bool = False  # FP8 forward GEMMs with block-wise scaling for the big projections (CUDA sm90; model/fp8.py)
     parallel: str = "ddp"  # ddp | fsdp, when launched on several processes
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads per process; 0 = the cores this process may use / local ranks
@@ -79,6 +80,9 @@ class TrainConfig:
                     "mtp_weight", "bias_update_speed", "balance_loss_alpha", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigValueError(f"train.{key} must not be negative, got {getattr(self, key)}")
+        if self.fp8 and self.device == "cpu":
+            raise ConfigValueError("train.fp8: FP8 training needs a CUDA GPU (block-scaled torch._scaled_mm), "
+                                   "but train.device is 'cpu'")
         for key in ("lr", "muon_lr", "eps"):
             if getattr(self, key) <= 0:
                 raise ConfigValueError(f"train.{key} must be positive, got {getattr(self, key)}")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hemat import cost
 from hemat.errors import HematError
+from hemat.model import fp8
 from hemat.model.dense import weights_changed
 from hemat.model.transformer import CausalLM
 from hemat.train import checkpoint, parallel
@@ -197,6 +198,9 @@ class Trainer:
         if config.mtp_weight == 0:  # untrained MTP layers would be parameters without gradients
             for layer in self.model.mtp_layers:
                 layer.requires_grad_(False)
+        if config.fp8:  # before compiling: the compiled layers must see the FP8 modules
+            fp8.check_fp8_device(self.env.device)
+            fp8.convert_to_fp8(self.model)
         if config.compile:
             for layer in self.model.model.layers:
                 layer.compile()
