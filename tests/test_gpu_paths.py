@@ -304,3 +304,26 @@ def test_graphs_are_dropped_when_the_weights_change():
     assert moved != key
     dense.weights_changed()  # fused optimizers do not move it; the trainer says so instead
     assert steps._weights_key() != moved
+
+
+# ---- the benchmark script itself ---------------------------------------------------------------------
+def test_gpu_bench_tiny_runs_every_section_and_writes_the_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for run in ("transformers", "hemat", "hemat fp8"):  # training rows with a measured rate, no error
+        assert run in rows and "error" not in rows[run].lower(), rows.get(run)
+        assert float(rows[run].split("|")[2].replace(",", "")) > 0
+    for run in ("transformers generate", "hemat engine"):
+        assert run in rows and "error" not in rows[run].lower(), rows.get(run)
+    printed = done.stdout.split("wrote ")[0].strip().splitlines()
+    assert printed[-1].startswith("Goals (issue 7)") and "| hemat engine |" in "\n".join(printed[-12:])  # table last
+    assert (tmp_path / "bench-loss.png").stat().st_size > 0
