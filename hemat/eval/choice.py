@@ -10,7 +10,6 @@ scored as continuations ("Question: ...\\nAnswer:" + " choice"), the cloze form,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hemat.data.jsonl import read_jsonl
 from hemat.data.shards import document_prefix
 from hemat.errors import HematError
 
@@ -172,24 +172,12 @@ def load_choice_file(path: str | Path, limit: int | None = None) -> list[ChoiceI
       ARC        {"question", "choices": {"text": [...], "label": [...]}, "answerKey"}
       MMLU       {"question", "choices": [...], "answer": index or letter}
       HellaSwag  {"ctx", "endings": [...], "label"}"""
-    path = Path(path)
-    if not path.is_file():
-        raise ChoiceDataError(f"multiple-choice file {path} does not exist")
     items: list[ChoiceItem] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(items) >= limit:
-                break
-            try:
-                items.append(parse_choice_record(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ChoiceDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except ChoiceDataError as e:
-                raise ChoiceDataError(f"{path}:{lineno}: {e}") from None
-    if not items:
-        raise ChoiceDataError(f"multiple-choice file {path} has no questions")
+    for lineno, record in read_jsonl(path, ChoiceDataError, "multiple-choice file", "questions", limit):
+        try:
+            items.append(parse_choice_record(record))
+        except ChoiceDataError as e:
+            raise ChoiceDataError(f"{path}:{lineno}: {e}") from None
     return items
 
 

@@ -7,10 +7,10 @@ the answer is read from what remains."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hemat.data.jsonl import read_jsonl
 from hemat.data.synthetic import eval_problems, format_prompt
 from hemat.errors import HematError
 from hemat.eval.answers import answers_match, extract_answer
@@ -34,23 +34,8 @@ class MathProblem:
 def load_gsm8k(path: str | Path, limit: int | None = None) -> list[MathProblem]:
     """GSM8K's JSONL: one {"question": ..., "answer": "...worked solution...\\n#### 18"} per line."""
     path = Path(path)
-    if not path.is_file():
-        raise MathDataError(f"GSM8K file {path} does not exist")
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(problems) >= limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MathDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            problems.append(_gsm8k_problem(record, f"{path}:{lineno}", f"{path.stem}-{lineno}"))
-    if not problems:
-        raise MathDataError(f"GSM8K file {path} has no problems")
-    return problems
+    return [_gsm8k_problem(record, f"{path}:{lineno}", f"{path.stem}-{lineno}")
+            for lineno, record in read_jsonl(path, MathDataError, "GSM8K file", "problems", limit)]
 
 
 def _gsm8k_problem(record, where: str, default_id: str) -> MathProblem:

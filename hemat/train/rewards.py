@@ -15,12 +15,12 @@ from hemat's embedded arithmetic generator (training side only: never a held-out
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hemat.data.jsonl import read_jsonl
 from hemat.errors import HematError
 from hemat.eval.answers import answers_match, extract_answer
 from hemat.infer.reasoning import split_reasoning
@@ -129,27 +129,14 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     """Problems from JSONL: math ({"question", "answer"}; a GSM8K answer's final value follows "####")
     or code ({"question" or "prompt", "tests", optional "entry_point"}); "id" is optional."""
     path = Path(path)
-    if not path.is_file():
-        raise ProblemFileError(f"problem file {path} does not exist")
     problems, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(problems) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemFileError(f"{where}: not valid JSON ({e.msg})") from None
-            problem = _problem(record, where, f"{path.stem}-{lineno}")
-            if problem.id in seen:
-                raise ProblemFileError(f"{where}: duplicate id {problem.id!r}")
-            seen.add(problem.id)
-            problems.append(problem)
-    if not problems:
-        raise ProblemFileError(f"problem file {path} has no problems")
+    for lineno, record in read_jsonl(path, ProblemFileError, "problem file", "problems", limit):
+        where = f"{path}:{lineno}"
+        problem = _problem(record, where, f"{path.stem}-{lineno}")
+        if problem.id in seen:
+            raise ProblemFileError(f"{where}: duplicate id {problem.id!r}")
+        seen.add(problem.id)
+        problems.append(problem)
     return problems
 
 

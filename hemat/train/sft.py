@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from hemat.data.jsonl import read_jsonl
 from hemat.errors import HematError
 from hemat.train.config import ConfigValueError, RunConfig, TrainConfig, load_config
 
@@ -129,22 +130,8 @@ def stage_name(base: str, run_dir: str | Path, resume: str | None) -> str:
 # ---- data: conversations → token ids and the loss mask --------------------------------------------------
 def read_chats(path: str | Path) -> list[list[dict]]:
     """The conversations of a chat JSONL file, checked line by line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SFTDataError(f"chat file {path} does not exist")
-    chats = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            chats.append(check_messages(record, f"{path}:{lineno}"))
-    if not chats:
-        raise SFTDataError(f"chat file {path} has no conversations")
-    return chats
+    return [check_messages(record, f"{path}:{lineno}")
+            for lineno, record in read_jsonl(path, SFTDataError, "chat file", "conversations")]
 
 
 def check_messages(record, where: str) -> list[dict]:
