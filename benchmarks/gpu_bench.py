@@ -51,6 +51,7 @@ from hemat.presets import load_model_config
 from hemat.train.config import TrainConfig
 from hemat.train.loop import Trainer
 from hemat.train.schedule import lr_factor
+from train_throughput import RandomBatches  # this directory's sibling script: the same batch source
 
 TINY = dict(
     model_type="deepseek_v3", vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
@@ -161,24 +162,6 @@ def markov_tokens(vocab: int, rows: int, length: int, seed: int = 0) -> torch.Te
     return out
 
 
-class Batches:
-    """The pool's batches in order (a Trainer batch source): every run sees the same batches."""
-
-    def __init__(self, pool: torch.Tensor):
-        self.pool, self.index = pool, 0
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.pool[self.index % len(self.pool)]
-        self.index += 1
-        return batch[:, :-1], batch[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = state["index"]
-
-
 def timed_steps(setup: Setup, step, stop_at: float) -> dict:
     """Run step(i) → loss for setup.steps steps (fewer past stop_at); tokens/s over the median timed step."""
     times, losses = [], []
@@ -217,7 +200,7 @@ def train_hemat(setup: Setup, stop_at: float, *, use_fp8: bool, compile: bool) -
     model = hemat.from_pretrained(setup.path)
     emulate = use_fp8 and setup.device.type != "cuda"  # CPU: the same FP8 module, its GEMM emulated
     config = train_config(setup, fp8=use_fp8 and not emulate, compile=compile)
-    trainer = Trainer(model, config, setup.tmp / "run", Batches(setup.pool))
+    trainer = Trainer(model, config, setup.tmp / "run", RandomBatches(setup.pool))
     converted = fp8.convert_to_fp8(trainer.model) if emulate else [
         n for n, m in trainer.model.named_modules() if isinstance(m, fp8.FP8Linear)]
     trainer._start = time.perf_counter()  # fit() sets this clock; the step's cost record reads it
@@ -238,7 +221,7 @@ def train_transformers(setup: Setup, stop_at: float) -> dict:
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
-    source = Batches(setup.pool)
+    source = RandomBatches(setup.pool)
     autocast = torch.autocast(setup.device.type, dtype=setup.amp) if setup.amp else nullcontext()
 
     def step(i: int) -> float:

@@ -33,13 +33,20 @@ def plot_series(records: list[dict], keys: list[str], out_png: str | Path, title
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, png: str | Path) -> Path:
+    """Lay out, write atomically (a temporary file, then rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    png = Path(png)
+    tmp = png.with_name(png.stem + ".tmp.png")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    os.replace(tmp, png)
+    return png
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

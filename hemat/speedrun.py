@@ -13,7 +13,6 @@ report card with the accuracy before and after RL, sample traces and what every 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +161,8 @@ def plot_accuracy(evals: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hemat.report import save_figure
+
     groups = ["all"] + [f"level {k}" for k in evals["sft"]["by_level"]]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     width = 0.38
@@ -175,11 +176,7 @@ def plot_accuracy(evals: dict, png: Path) -> None:
     ax.set_title("Held-out accuracy before and after GRPO")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict, result: dict, evals: dict,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import random
 import time
 from collections import deque
@@ -445,6 +444,8 @@ PLOTTED = [("reward", "reward"), ("accuracy", "accuracy (samples)"), ("eval_accu
 def plot_grpo(records: list[dict], png: str | Path) -> None:
     import matplotlib
 
+    from hemat.report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -456,11 +457,7 @@ def plot_grpo(records: list[dict], png: str | Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(png).with_name(Path(png).stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 # ---- the stage --------------------------------------------------------------------------------------------
