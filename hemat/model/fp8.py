@@ -39,24 +39,36 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.flatten(-2), scale.squeeze(-1)
 
 
-def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] (both multiples of 128) → (e4m3 [N, K], dequantisation scales [N/128, K/128] fp32) with
-    w ≈ q · scale per 128×128 block."""
-    n, k = w.shape
-    blocks = w.float().view(n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] → (e4m3 [N, K], dequantisation scales [⌈N/bn⌉, ⌈K/bk⌉] fp32) with w ≈ q · scale per
+    bn×bk block (DeepSeek-V3's checkpoint layout, `weight_scale_inv`); blocks at the edges may be partial."""
+    blocks = _padded_blocks(w.float(), block)  # zero padding leaves each block's largest magnitude as is
     scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / FP8_MAX
     q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(n, k), scale.view(n // BLOCK, k // BLOCK)
+    return _unpadded(q, w.shape), scale.view(blocks.shape[0], blocks.shape[2])
 
 
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.unflatten(-1, (-1, BLOCK)).float() * scale[..., None]).flatten(-2).to(dtype)
 
 
-def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    n, k = q.shape
-    blocks = q.float().view(n // BLOCK, BLOCK, k // BLOCK, BLOCK) * scale[:, None, :, None]
-    return blocks.view(n, k)
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK),
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of quantize_blocks: q [N, K] times its block's scale, in fp32, then cast to dtype."""
+    blocks = _padded_blocks(q.float(), block).mul_(scale.float()[:, None, :, None])
+    return _unpadded(blocks, q.shape).to(dtype)
+
+
+def _padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """x [N, K] zero-padded to whole blocks, viewed as [⌈N/bn⌉, bn, ⌈K/bk⌉, bk]."""
+    (n, k), (bn, bk) = x.shape, block
+    x = F.pad(x, (0, -k % bk, 0, -n % bn))
+    return x.view(x.shape[0] // bn, bn, x.shape[1] // bk, bk)
+
+
+def _unpadded(blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    rows, bn, cols, bk = blocks.shape
+    return blocks.reshape(rows * bn, cols * bk)[: shape[0], : shape[1]].contiguous()
 
 
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
