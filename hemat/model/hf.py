@@ -2,11 +2,16 @@
 model.safetensors.index.json) + generation_config.json. Safetensors only: pickle checkpoints are refused.
 
 On disk, routed experts keep DeepSeek's per-expert keys (`mlp.experts.E.{gate,up,down}_proj.weight`),
-which transformers, vLLM and SGLang all read; in memory they are stacked (see moe.RoutedExperts)."""
+which transformers, vLLM and SGLang all read; in memory they are stacked (see moe.RoutedExperts).
+
+DeepSeek-V3's own FP8 layout is read and written too: each projection weight stored as float8_e4m3fn with
+a float32 `<weight>_scale_inv` per block of `quantization_config.weight_block_size` (weight ≈ fp8 ·
+scale_inv), everything else in bf16. It is dequantised tensor by tensor while loading."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,7 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hemat.errors import HematError
+from hemat.model import fp8
 from hemat.model.config import ModelConfig
+from hemat.model.hub import resolve_model_source
 from hemat.model.transformer import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -28,6 +35,11 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# save_pretrained formats: a dtype for every tensor, or DeepSeek-V3's block FP8 projections
+FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": None}
+SCALE_SUFFIX = "_scale_inv"
+# the projections DeepSeek-V3 stores in FP8; MTP's eh_proj, the router, embeddings and head stay bf16
+_FP8_PROJECTION = re.compile(r"(?<!\.eh)_proj(_with_mqa)?\.weight$")
 
 
 class CheckpointError(HematError):
@@ -71,33 +83,78 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_file(path / "config.json")
 
 
-def from_pretrained(path: str | Path, device=None, dtype=None) -> CausalLM:
-    """Load a hemat or Hugging Face checkpoint directory. dtype defaults to the one in config.json
-    (float32 if none); the router stays in float32 whatever the dtype. A checkpoint without its MTP
+def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
+    """Load a checkpoint directory (hemat's, any Hugging Face one, DeepSeek's FP8 ones dequantised) or a
+    Hub id `org/name[@revision]`. dtype defaults to the one in config.json (float32 if none); the
+    router stays in float32 whatever the dtype. Tensors are read one at a time into the model built in
+    its final dtype, so loading needs little more memory than the result. A checkpoint without its MTP
     layers loads as a model without MTP."""
-    path = Path(path)
+    path = resolve_model_source(source)
     config = read_checkpoint_config(path)
     files = _weight_files(path)
     raw = json.loads((path / "config.json").read_text())
+    block = _fp8_block(raw.get("quantization_config"), path)
+    # the model in memory is dequantised: its config must not claim otherwise when saved again
+    config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
     dtype = parse_dtype(dtype) or parse_dtype(raw.get("dtype") or raw.get("torch_dtype")) or torch.float32
     device = torch.device(device or "cpu")
 
     with _open_all(files) as handles:
         keys = {k: h for h in handles for k in h.keys()}
-        if any(k.endswith("weight_scale_inv") for k in keys):
-            raise CheckpointError(f"{path}: FP8 checkpoints (weight_scale_inv) are not supported; use a bf16 copy")
+        scales = _fp8_scales(keys, block, {k: f for f, h in zip(files, handles) for k in h.keys()})
+        keys = {k: h for k, h in keys.items() if not k.endswith(SCALE_SUFFIX)}
         n = config.num_hidden_layers
         if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
             config = config.replace(num_nextn_predict_layers=0)
         with torch.device("meta"):
-            model = CausalLM(config)
+            model = CausalLM(config).to(dtype)
+            for moe in model.moe_layers():
+                moe.gate.float()
         model.to_empty(device=device)
-        _load_state(model, keys, path)
+        _load_state(model, keys, path, scales, block)
     model.reset_buffers()  # to_empty left the non-persistent buffers uninitialised
-    model.to(dtype)
-    for moe in model.moe_layers():
-        moe.gate.float()
     return model.eval()
+
+
+def _fp8_block(quantization: dict | None, path: Path) -> tuple[int, int] | None:
+    """The FP8 block shape from config.json's quantization_config, or None for an unquantised checkpoint."""
+    if not quantization:
+        return None
+    where = f"{path / 'config.json'}: quantization_config"
+    method, fmt = quantization.get("quant_method"), quantization.get("fmt", "e4m3")
+    if method != "fp8" or fmt != "e4m3":
+        raise CheckpointError(f"{where} (quant_method {method!r}, fmt {fmt!r}) is not supported; hemat reads "
+                              "block-wise FP8 as DeepSeek-V3 ships it (quant_method 'fp8', fmt 'e4m3')")
+    if quantization.get("activation_scheme", "dynamic") != "dynamic":
+        raise CheckpointError(f"{where}.activation_scheme {quantization['activation_scheme']!r} is not supported "
+                              "(only 'dynamic': no stored activation scales)")
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}.weight_block_size must be two positive integers, got {block!r}")
+    return tuple(block)
+
+
+def _fp8_scales(keys: dict, block: tuple[int, int] | None, file_of: dict[str, Path]) -> dict[str, object]:
+    """weight name → the handle holding its `_scale_inv`, after checking every FP8 weight has a scale of
+    the right shape and every scale a weight: from the headers, before any tensor is read."""
+    scales = {}
+    for scale_key in (k for k in keys if k.endswith(SCALE_SUFFIX)):
+        key, file = scale_key.removesuffix(SCALE_SUFFIX), file_of[scale_key]
+        if block is None:
+            raise CheckpointError(f"{file}: tensor {scale_key} is an FP8 scale, but config.json has no "
+                                  "quantization_config")
+        if key not in keys:
+            raise CheckpointError(f"{file}: tensor {scale_key} has no weight {key} in the checkpoint")
+        shape, scale_shape = keys[key].get_slice(key).get_shape(), keys[scale_key].get_slice(scale_key).get_shape()
+        expected = [math.ceil(n / b) for n, b in zip(shape, block)]
+        if len(shape) != 2 or scale_shape != expected:
+            raise CheckpointError(f"{file}: tensor {scale_key} has shape {tuple(scale_shape)}, but {key} "
+                                  f"{tuple(shape)} in blocks of {block} needs {tuple(expected)}")
+        scales[key] = keys[scale_key]
+    for key, handle in keys.items():
+        if key not in scales and handle.get_slice(key).get_dtype().startswith("F8"):
+            raise CheckpointError(f"{file_of[key]}: tensor {key} is float8 but has no {key}{SCALE_SUFFIX}")
+    return scales
 
 
 class _open_all:
@@ -146,7 +203,7 @@ def _is_shared_duplicate(key: str, config: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= config.num_hidden_layers
 
 
-def _load_state(model: CausalLM, keys: dict, path: Path) -> None:
+def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tuple[int, int] | None) -> None:
     config = model.config
     expected = _expected_disk_keys(model)
     fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
@@ -169,6 +226,8 @@ def _load_state(model: CausalLM, keys: dict, path: Path) -> None:
     with torch.no_grad():
         for key in sorted(present):
             tensor = keys[key].get_tensor(key)
+            if key in scales:  # exact in fp32; copy_ rounds once to the model's dtype
+                tensor = fp8.dequantize_blocks(tensor, scales[key].get_tensor(key + SCALE_SUFFIX), block)
             if tuple(tensor.shape) != expected[key]:
                 raise CheckpointError(
                     f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config expects {expected[key]}"
@@ -223,10 +282,27 @@ def generation_config(config: ModelConfig) -> dict:
     }
 
 
-def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def fp8_state_dict(state: dict[str, torch.Tensor], block: tuple[int, int] = (fp8.BLOCK, fp8.BLOCK)) -> dict:
+    """A disk state dict in DeepSeek-V3's FP8 layout: projections as e4m3 + `_scale_inv` per block, the
+    router's correction bias in fp32 and every other tensor in bf16, as DeepSeek's checkpoints have them."""
+    out = {}
+    for key, tensor in state.items():
+        if tensor.dim() == 2 and _FP8_PROJECTION.search(key):
+            out[key], out[key + SCALE_SUFFIX] = fp8.quantize_blocks(tensor, block)
+        else:
+            out[key] = tensor.float() if key.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16)
+    return out
+
+
+def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    format: str | None = None) -> None:
     """Write the checkpoint atomically: everything goes into a temporary directory beside `path`,
     is fsynced, and replaces `path` by a rename, so a crash never leaves a half-written checkpoint.
-    Files already in `path` that the checkpoint does not write (a tokenizer, hemat.json) are kept."""
+    Files already in `path` that the checkpoint does not write (a tokenizer, hemat.json) are kept.
+    format: None keeps the model's dtype, "bf16"/"fp32" cast every tensor, "fp8" writes DeepSeek-V3's
+    block FP8 layout (see fp8_state_dict) with its quantization_config."""
+    if format not in (None, *FORMATS):
+        raise CheckpointError(f"checkpoint format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -237,7 +313,15 @@ def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DE
                     shutil.copy2(f, tmp / f.name)
         state = disk_state_dict(model)
         config = model.config.to_hf_dict()
-        config["dtype"] = str(model.dtype).removeprefix("torch.")
+        config.pop("quantization_config", None)
+        dtype = FORMATS[format] if format else model.dtype
+        if format == "fp8":
+            state, dtype = fp8_state_dict(state), torch.bfloat16
+            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+        elif format:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        config["dtype"] = str(dtype).removeprefix("torch.")
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(model.config))
         shards = _shard(state, max_shard_bytes)
