@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": ("hemat.serve.app", "serve an OpenAI-compatible API and web chat"),
     "cost": ("hemat.cost", "training FLOPs, time and dollars; MFU from device-hours"),
     "params": ("hemat.model.params", "parameter counts: total, active, embedding, MTP"),
+    "convert": ("hemat.model.convert", "rewrite a checkpoint as fp32, bf16 or block-FP8 safetensors"),
     "speedrun": ("hemat.speedrun", "the whole pipeline on a preset, with a report card"),
 }
 
