@@ -230,9 +230,12 @@ def _normalize_message(message: dict) -> dict:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), or the tokenizer.json itself."""
-    path = Path(path)
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), the tokenizer.json itself, or
+    a Hub id `org/name[@revision]`."""
+    from hemat.model.hub import resolve_model_source
+
+    path = resolve_model_source(source)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"{file} does not exist (hemat reads Hugging Face tokenizer.json directories)")

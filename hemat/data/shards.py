@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hemat.errors import HematError
+from hemat.model.hub import resolve_model_source
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_SPLITS = ("file", "lines", "blank")
@@ -355,7 +356,8 @@ def prepare_shards(inputs: Iterable[str | Path], tokenizer_dir: str | Path, out_
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     files = expand_inputs(inputs)
-    tokenizer_file = Path(tokenizer_dir)
+    tokenizer_dir = resolve_model_source(tokenizer_dir)  # a Hub id: its cached snapshot
+    tokenizer_file = tokenizer_dir
     if tokenizer_file.is_dir():
         tokenizer_file = tokenizer_file / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -447,7 +449,7 @@ def add_command(subparsers) -> set[str]:
                     "opened as the tokenizer opens a text (BOS) and closed by EOS, into uint16/uint32 .bin shards with a manifest.json and a held-out "
                     "validation split chosen by a hash of each document's index.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
-    prep.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (or its tokenizer.json)")
+    prep.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (or its tokenizer.json), or a Hub id org/name[@revision]")
     prep.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and manifest")
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     val = prep.add_mutually_exclusive_group()

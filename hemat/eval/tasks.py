@@ -15,6 +15,7 @@ from typing import Callable
 
 import hemat
 from hemat.errors import HematError
+from hemat.model.hub import is_hub_id, resolve_model_source
 
 TASK_SPEC_HELP = """\
 tasks: a comma-separated list of NAME or NAME:PATH
@@ -296,9 +297,9 @@ def add_command(subparsers) -> set[str]:
         epilog=TASK_SPEC_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (weights + tokenizer) or a Hub id org/name[@revision]")
     parser.add_argument("--tasks", required=True, metavar="SPEC", help="comma-separated tasks, see below")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default: MODEL/eval)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: MODEL/eval; eval/ORG--NAME for a Hub id)")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N items per task (arith: default 200)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--max-tokens", type=int, default=512, help="generated tokens per answer (default 512)")
@@ -347,16 +348,17 @@ def _eval_command(args: argparse.Namespace) -> None:
     from hemat.tokenizer import load_tokenizer
 
     start = time.perf_counter()
-    model_dir = Path(args.model)
+    model_dir = resolve_model_source(args.model)
     model = from_pretrained(model_dir, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise HematError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.vocab_size}")
-    ctx = EvalContext(model, tokenizer, settings, str(model_dir.resolve()))
+    ctx = EvalContext(model, tokenizer, settings, args.model if is_hub_id(args.model) else str(model_dir.resolve()))
     load_s = time.perf_counter() - start
     results = run_tasks(ctx, specs)
     summary = results_summary(ctx, specs, results, load_s, time.perf_counter() - start)
-    paths = write_results(args.out or model_dir / "eval", summary, results)
+    default_out = Path("eval") / args.model.replace("/", "--") if is_hub_id(args.model) else model_dir / "eval"
+    paths = write_results(args.out or default_out, summary, results)
     print(markdown_table(summary))
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['samples']}")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hemat.errors import HematError
+from hemat.model.hub import resolve_model_source
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -39,7 +40,7 @@ def add_command(subparsers) -> set[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory with tokenizer.json")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory with tokenizer.json, or a Hub id org/name[@revision]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",
@@ -87,7 +88,7 @@ def _load_engine(args):
     import hemat
     from hemat.infer.engine import Engine
 
-    model_dir = Path(args.model)
+    model_dir = resolve_model_source(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = hemat.from_pretrained(model_dir, device=device, dtype=args.dtype)
     tokenizer = hemat.load_tokenizer(model_dir)

@@ -23,15 +23,17 @@ class HubError(HematError):
     """A model id that is neither a local directory nor resolvable on the Hugging Face Hub."""
 
 
+def is_hub_id(source: str | Path) -> bool:
+    """Whether `source` names a Hub model: an `org/name[@revision]` string that is not an existing path."""
+    return isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+
+
 def resolve_model_source(source: str | Path) -> Path:
     """A local path as is (an existing path always wins); `org/name[@revision]` → the directory of its
     snapshot in the Hugging Face cache, downloaded first when missing and HF_HUB_OFFLINE is not set."""
-    path = Path(source)
-    if path.exists() or isinstance(source, Path):
-        return path
-    match = _HUB_ID.match(str(source))
-    if not match:
-        return path  # not an id either: the loader names the missing path
+    if not is_hub_id(source):
+        return Path(source)  # a missing local path is named by the loader that needs it
+    match = _HUB_ID.match(source)
     return _snapshot(match["repo"], match["revision"])
 
 

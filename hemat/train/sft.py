@@ -105,9 +105,13 @@ def inherit_ledger(model_dir: str | Path, run_dir: str | Path) -> None:
 
 
 def starting_checkpoint(path: str | Path | None, stage: str) -> Path:
-    if not path or not Path(path).is_dir():
-        raise HematError(f"{stage}: give the checkpoint to start from (--model DIR or {stage}.model); got {path!r}")
-    return Path(path)
+    """The directory of the checkpoint a stage starts from: a local one, or a Hub id's cached snapshot."""
+    from hemat.model.hub import resolve_model_source
+
+    if not path or not resolve_model_source(path).is_dir():
+        raise HematError(f"{stage}: give the checkpoint to start from (--model DIR|ORG/NAME or {stage}.model); "
+                         f"got {path!r}")
+    return resolve_model_source(path)
 
 
 def stage_name(base: str, run_dir: str | Path, resume: str | None) -> str:
@@ -404,7 +408,7 @@ def resolve_stage_config(args: argparse.Namespace, section: str, schemas: dict) 
 
 
 def add_stage_arguments(p: argparse.ArgumentParser, section: str, data_help: str) -> None:
-    p.add_argument("--model", metavar="DIR", help=f"checkpoint to start from, with its tokenizer ({section}.model)")
+    p.add_argument("--model", metavar="DIR", help=f"checkpoint to start from, with its tokenizer: a directory or a Hub id org/name[@revision] ({section}.model)")
     p.add_argument("--data", metavar="FILE", help=data_help)
     p.add_argument("--config", default=None, help=f"preset name or YAML run config (default {DEFAULT_CONFIG}; "
                                                    "with --resume, the run's own config.yaml)")
