@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from hemat.errors import HematError
 from hemat.model import fp8
 from hemat.model.config import ModelConfig
-from hemat.model.hub import resolve_model_source
+from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.model.transformer import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +55,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path, name: str | Path) -> list[Path]:
+    """The safetensors files of the checkpoint at path (`name` in errors: the path or the Hub id)."""
     if (path / INDEX_NAME).exists():
         index = json.loads((path / INDEX_NAME).read_text())
         files = sorted(set(index.get("weight_map", {}).values()))
@@ -68,10 +69,10 @@ def _weight_files(path: Path) -> list[Path]:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
-            f"{path} holds only pickle weights ({', '.join(pickles)}); hemat loads safetensors only, because "
+            f"{name} holds only pickle weights ({', '.join(pickles)}); hemat loads safetensors only, because "
             "unpickling can run arbitrary code. Convert them with a tool you trust into model.safetensors."
         )
-    raise CheckpointError(f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+    raise CheckpointError(f"{name} has no {WEIGHTS_NAME} or {INDEX_NAME} (hemat loads safetensors weights only)")
 
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
@@ -91,7 +92,7 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
     layers loads as a model without MTP."""
     path = resolve_model_source(source)
     config = read_checkpoint_config(path)
-    files = _weight_files(path)
+    files = _weight_files(path, source if is_hub_id(source) else path)
     raw = json.loads((path / "config.json").read_text())
     block = _fp8_block(raw.get("quantization_config"), path)
     # the model in memory is dequantised: its config must not claim otherwise when saved again
