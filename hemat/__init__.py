@@ -1,7 +1,7 @@
 """hemat: build, reason-train, evaluate and self-host DeepSeek-style language models frugally.
 
-Python API: `from_pretrained(path, device=None, dtype=None)`, `model.save_pretrained(path)`,
-`load_tokenizer(path)`, `Engine(model, tokenizer, ...)`."""
+Python API: `from_pretrained(path_or_hub_id, device=None, dtype=None)`, `model.save_pretrained(path,
+format=None|"bf16"|"fp32"|"fp8")`, `load_tokenizer(path_or_hub_id)`, `Engine(model, tokenizer, ...)`."""
 
 __version__ = "0.1.0"
 

@@ -18,9 +18,8 @@ def convert(source: str | Path, out: str | Path, format: str) -> Path:
     from hemat.model.hf import from_pretrained, publish_dir
     from hemat.model.hub import resolve_model_source
 
-    out = Path(out)
-    model = from_pretrained(source, dtype=LOAD_DTYPES[format])
-    src = resolve_model_source(source)
+    out, src = Path(out), resolve_model_source(source)
+    model = from_pretrained(src, dtype=LOAD_DTYPES[format])
     tmp = out.with_name(f".{out.name}.convert-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
