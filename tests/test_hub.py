@@ -117,3 +117,16 @@ def test_a_cached_repo_with_only_pickle_weights_is_refused(offline):
     with pytest.raises(CheckpointError, match=r"^org/pickled holds only pickle weights \(pytorch_model.bin\); hemat loads "
                                               r"safetensors only"):
         hemat.from_pretrained("org/pickled")
+
+
+def test_eval_and_training_stages_take_a_hub_id(offline, tmp_path, monkeypatch):
+    import json
+
+    from hemat.train.sft import starting_checkpoint
+
+    assert starting_checkpoint("org/tiny@v1", "sft").name == COMMIT_V1
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val.txt").write_text("Hello there, the answer is 42.\n")
+    main(["eval", "--model", "org/tiny", "--tasks", "bpb:val.txt"])
+    summary = json.loads((tmp_path / "eval" / "org--tiny" / "results.json").read_text())  # not in the cache
+    assert summary["model"] == "org/tiny" and summary["tasks"]["bpb:val.txt"]["metrics"]["bpb"] > 0
