@@ -149,6 +149,7 @@ SCALE = "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
     ("missing_scale", "tensor model.layers.1.mlp.experts.2.up_proj.weight is float8 but has no "
                       "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"),
     ("missing_weight", f"tensor {SCALE} has no weight model.layers.1.mlp.experts.2.up_proj.weight"),
+    ("unquantised_weight", "tensor model.layers.1.mlp.experts.2.up_proj.weight has a _scale_inv but dtype BF16"),
 ])
 def test_damaged_fp8_checkpoints_name_the_tensor_and_file(tmp_path, damage, message):
     write_fp8_checkpoint(tmp_path / "fp8", shards=1)
@@ -158,6 +159,8 @@ def test_damaged_fp8_checkpoints_name_the_tensor_and_file(tmp_path, damage, mess
         weights[SCALE] = torch.ones(1, 1)
     elif damage == "missing_scale":
         del weights[SCALE]
+    elif damage == "unquantised_weight":
+        weights[SCALE.removesuffix("_scale_inv")] = weights[SCALE.removesuffix("_scale_inv")].bfloat16()
     else:
         del weights[SCALE.removesuffix("_scale_inv")]
     save_file(weights, str(file))

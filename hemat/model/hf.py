@@ -146,7 +146,11 @@ def _fp8_scales(keys: dict, block: tuple[int, int] | None, file_of: dict[str, Pa
                                   "quantization_config")
         if key not in keys:
             raise CheckpointError(f"{file}: tensor {scale_key} has no weight {key} in the checkpoint")
-        shape, scale_shape = keys[key].get_slice(key).get_shape(), keys[scale_key].get_slice(scale_key).get_shape()
+        weight, scale_shape = keys[key].get_slice(key), keys[scale_key].get_slice(scale_key).get_shape()
+        if weight.get_dtype() != "F8_E4M3":
+            raise CheckpointError(f"{file_of[key]}: tensor {key} has a {SCALE_SUFFIX} but dtype {weight.get_dtype()}, "
+                                  "not float8_e4m3fn")
+        shape = weight.get_shape()
         expected = [math.ceil(n / b) for n, b in zip(shape, block)]
         if len(shape) != 2 or scale_shape != expected:
             raise CheckpointError(f"{file}: tensor {scale_key} has shape {tuple(scale_shape)}, but {key} "
