@@ -114,7 +114,8 @@ def test_unknown_ids_and_revisions_name_themselves(offline):
 
 
 def test_a_cached_repo_with_only_pickle_weights_is_refused(offline):
-    with pytest.raises(CheckpointError, match=r"^org/pickled holds only pickle weights \(pytorch_model.bin\); hemat loads "
+    with pytest.raises(CheckpointError, match=r"^org/pickled holds only pickle weights \(pytorch_model.bin\); "
+                                              r"hemat loads "
                                               r"safetensors only"):
         hemat.from_pretrained("org/pickled")
 

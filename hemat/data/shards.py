@@ -449,7 +449,8 @@ def add_command(subparsers) -> set[str]:
                     "opened as the tokenizer opens a text (BOS) and closed by EOS, into uint16/uint32 .bin shards with a manifest.json and a held-out "
                     "validation split chosen by a hash of each document's index.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
-    prep.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (or its tokenizer.json), or a Hub id org/name[@revision]")
+    prep.add_argument("--tokenizer", required=True, metavar="DIR",
+                      help="tokenizer directory (or its tokenizer.json), or a Hub id org/name[@revision]")
     prep.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and manifest")
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     val = prep.add_mutually_exclusive_group()

@@ -297,9 +297,11 @@ def add_command(subparsers) -> set[str]:
         epilog=TASK_SPEC_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (weights + tokenizer) or a Hub id org/name[@revision]")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint directory (weights + tokenizer) or a Hub id org/name[@revision]")
     parser.add_argument("--tasks", required=True, metavar="SPEC", help="comma-separated tasks, see below")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default: MODEL/eval; eval/ORG--NAME for a Hub id)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: MODEL/eval; eval/ORG--NAME for a Hub id)")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N items per task (arith: default 200)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--max-tokens", type=int, default=512, help="generated tokens per answer (default 512)")

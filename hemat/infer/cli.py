@@ -40,7 +40,8 @@ def add_command(subparsers) -> set[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory with tokenizer.json, or a Hub id org/name[@revision]")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory with tokenizer.json, or a Hub id org/name[@revision]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",

@@ -436,7 +436,8 @@ def add_command(subparsers) -> set[str]:
         "unless --log-prompts. SIGTERM stops admitting, lets running streams finish (up to "
         "--shutdown-timeout seconds, then cancels them) and exits 0.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory with the tokenizer, or a Hub id org/name[@revision]")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory with the tokenizer, or a Hub id org/name[@revision]")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     p.add_argument("--api-key", default=os.environ.get("HEMAT_API_KEY"),
@@ -497,8 +498,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise HematError(f"--port must be in [0, 65535], got {args.port}")
     model_dir = resolve_model_source(args.model)
+    default_name = args.model if is_hub_id(args.model) else model_dir.resolve().name
     settings = ServeSettings(
-        served_model_name=args.served_model_name or (args.model if is_hub_id(args.model) else model_dir.resolve().name), api_key=args.api_key or None,
+        served_model_name=args.served_model_name or default_name, api_key=args.api_key or None,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, price_input=args.price_input,
         price_output=args.price_output, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
     )

@@ -408,7 +408,8 @@ def resolve_stage_config(args: argparse.Namespace, section: str, schemas: dict) 
 
 
 def add_stage_arguments(p: argparse.ArgumentParser, section: str, data_help: str) -> None:
-    p.add_argument("--model", metavar="DIR", help=f"checkpoint to start from, with its tokenizer: a directory or a Hub id org/name[@revision] ({section}.model)")
+    p.add_argument("--model", metavar="DIR", help=f"checkpoint to start from, with its tokenizer: a directory or a "
+                                                  f"Hub id org/name[@revision] ({section}.model)")
     p.add_argument("--data", metavar="FILE", help=data_help)
     p.add_argument("--config", default=None, help=f"preset name or YAML run config (default {DEFAULT_CONFIG}; "
                                                    "with --resume, the run's own config.yaml)")
