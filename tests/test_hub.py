@@ -131,3 +131,13 @@ def test_eval_and_training_stages_take_a_hub_id(offline, tmp_path, monkeypatch):
     main(["eval", "--model", "org/tiny", "--tasks", "bpb:val.txt"])
     summary = json.loads((tmp_path / "eval" / "org--tiny" / "results.json").read_text())  # not in the cache
     assert summary["model"] == "org/tiny" and summary["tasks"]["bpb:val.txt"]["metrics"]["bpb"] > 0
+
+
+def test_what_counts_as_a_hub_id(tmp_path, monkeypatch):
+    from hemat.model.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("org/name") and is_hub_id("deepseek-ai/DeepSeek-V3@refs/pr/1")
+    assert not any(map(is_hub_id, ["./runs", "/abs/dir", "a/b/c", "name", "org/name@"]))
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not is_hub_id("org/name")  # an existing path is a path

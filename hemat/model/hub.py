@@ -16,7 +16,7 @@ ALLOW_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "hemat.json",
 ]
-_HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_ID = re.compile(r"^(?P<repo>\w[\w.-]*/\w[\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 
 
 class HubError(HematError):
