@@ -176,3 +176,21 @@ def test_unsupported_quantization_config_is_refused(tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"weight_block_size must be two positive integers, got \[128\]"):
         hemat.from_pretrained(tmp_path / "fp8")
+
+
+def test_fp8_save_is_what_transformers_fp8_loader_reads(tmp_path):
+    import transformers
+
+    # whole 128-blocks only: transformers' dequantize path derives the block from the scale grid's shape,
+    # which is wrong for partial edge blocks (DeepSeek's own kernels and hemat take it from the config)
+    whole = dict(CONFIG, hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_attention_heads=8,
+                 q_lora_rank=128, kv_lora_rank=112, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                 num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    CausalLM(ModelConfig(**whole)).save_pretrained(tmp_path / "fp8", format="fp8")
+    model = hemat.from_pretrained(tmp_path / "fp8", dtype="float32")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp8", quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        assert (reference(_ids()).logits - model(_ids())).abs().max().item() <= 1e-5
