@@ -231,7 +231,12 @@ def _normalize_message(message: dict) -> dict:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), or the tokenizer.json itself."""
+    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), the tokenizer.json itself, or a
+    .gguf file (its byte-level BPE vocabulary, read by hemat.model.gguf_io)."""
+    if str(path).lower().endswith(".gguf"):
+        from hemat.model.gguf_io import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():

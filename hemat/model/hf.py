@@ -74,7 +74,11 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
 def from_pretrained(path: str | Path, device=None, dtype=None) -> CausalLM:
     """Load a hemat or Hugging Face checkpoint directory. dtype defaults to the one in config.json
     (float32 if none); the router stays in float32 whatever the dtype. A checkpoint without its MTP
-    layers loads as a model without MTP."""
+    layers loads as a model without MTP. A path ending in .gguf loads through hemat.model.gguf_io."""
+    if str(path).lower().endswith(".gguf"):
+        from hemat.model.gguf_io import load_gguf_model
+
+        return load_gguf_model(path, device, dtype)
     path = Path(path)
     config = read_checkpoint_config(path)
     files = _weight_files(path)
