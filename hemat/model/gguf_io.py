@@ -122,7 +122,8 @@ class GGUFFile:
             values = self.gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise GGUFError(f"{part}: tensor {name} has type {t.tensor_type.name}, which hemat cannot read") from None
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        return torch.from_numpy(values if values.flags.writeable else values.copy())  # memmapped F32 is read-only
 
 
 def _open_reader(path: Path):
@@ -196,7 +197,8 @@ def read_config(f: GGUFFile) -> ModelConfig:
             hf["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     if hf["model_type"] not in MODEL_TYPES:
         raise GGUFError(f"{f.path}: this version of hemat has no {hf['model_type']} model (GGUF architecture {arch!r})")
-    return ModelConfig.from_hf_dict({k: v for k, v in hf.items() if v is not None}, source=str(f.path))
+    keep_none = {"q_lora_rank"}  # None there means "no low-rank query projection", not "use the default"
+    return ModelConfig.from_hf_dict({k: v for k, v in hf.items() if v is not None or k in keep_none}, source=str(f.path))
 
 
 def _deepseek_config(f: GGUFFile) -> dict:
