@@ -190,9 +190,7 @@ def read_config(f: GGUFFile) -> ModelConfig:
         hf.update(_deepseek_config(f))
     else:
         hf["model_type"] = names[arch]
-        head_dim = f.get(k.Attention.KEY_LENGTH)
-        if head_dim and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
-            hf["head_dim"] = head_dim
+        hf["head_dim"] = f.get(k.Attention.KEY_LENGTH)
         if arch == "llama":
             hf["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     if hf["model_type"] not in MODEL_TYPES:
@@ -267,12 +265,8 @@ def load_gguf_model(path: str | Path, device=None, dtype=None) -> CausalLM:
 
 
 def _default_dtype(f: GGUFFile) -> torch.dtype:
-    types = {t.tensor_type.name for t, _ in f.tensors.values() if len(t.shape) > 1}
-    if types <= {"F32"}:
-        return torch.float32
-    if types <= {"F16"}:
-        return torch.float16
-    return torch.bfloat16
+    types = {t.tensor_type.name for t, _ in f.tensors.values()} - {"F32"}  # norms and routers are F32 anyway
+    return torch.float32 if not types else torch.float16 if types == {"F16"} else torch.bfloat16
 
 
 def _kv_b_alternatives(f: GGUFFile, config: ModelConfig) -> set[str]:
