@@ -134,7 +134,7 @@ def _open_reader(path: Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct and numpy errors on a corrupt header
-        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise GGUFError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _split_parts(path: Path) -> list[Path]:
