@@ -10,10 +10,10 @@ import hemat
 from hemat.cli import main
 from hemat.errors import HematError
 from hemat.model import gguf_io
-from hemat.model.config import MODEL_TYPES, ModelConfig
+from hemat.model.config import ModelConfig
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import train_tokenizer
-from hf_models import YARN, make_hf_model
+from hf_models import YARN, YARN_V2, make_hf_model
 
 VOCAB = 320  # the model's rows; the tokenizer has fewer, the rest are written as [PADn] tokens
 CORPUS = (
@@ -72,11 +72,12 @@ def _deepseek(**overrides) -> CausalLM:
 # ---- out: transformers' own GGUF loader reads hemat's exports ------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_export_read_by_transformers_within_quantization_error(tmp_path, tokenizer, kind):
     import transformers
 
-    make_hf_model(kind, tmp_path / "hf", vocab_size=VOCAB)
+    # transformers' qwen3 GGUF reader ignores key_length and assumes Qwen3's head_dim of 128
+    make_hf_model(kind, tmp_path / "hf", vocab_size=VOCAB, **({"head_dim": 128} if kind == "qwen3" else {}))
     model = hemat.from_pretrained(tmp_path / "hf")
     ids = _ids()
     original = _logits(model, ids)
@@ -121,10 +122,11 @@ def test_exported_tokenizer_read_by_transformers_and_hemat(tmp_path, tokenizer):
 # ---- round trip: hemat -> GGUF -> hemat ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "deepseek", "deepseek_yarn_no_q_lora_mtp"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "deepseek_v2", "deepseek", "deepseek_yarn_no_q_lora_mtp"])
 def test_f16_round_trip_gives_the_same_logits(tmp_path, tokenizer, variant):
-    if variant in ("llama", "qwen2"):
-        make_hf_model(variant, tmp_path / "hf", vocab_size=VOCAB)
+    if variant in ("llama", "qwen2", "qwen3", "deepseek_v2"):
+        overrides = {"rope_scaling": YARN_V2} if variant == "deepseek_v2" else {}
+        make_hf_model(variant, tmp_path / "hf", vocab_size=VOCAB, **overrides)
         model = hemat.from_pretrained(tmp_path / "hf")
     elif variant == "deepseek":
         model = _deepseek()
@@ -143,10 +145,12 @@ def test_f16_round_trip_gives_the_same_logits(tmp_path, tokenizer, variant):
     if model.config.is_mla:
         reader = gguf.GGUFReader(out)
         names = {t.name for t in reader.tensors}
-        assert {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight", "blk.1.exp_probs_b.bias"} <= names
+        assert {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"} <= names
         assert not any(n.startswith("blk.3.") for n in names)
         gating = reader.get_field("deepseek2.expert_gating_func").contents()
-        assert gating == gguf.ExpertGatingFuncType.SIGMOID
+        v3 = model.config.model_type == "deepseek_v3"
+        assert gating == (gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+        assert ("blk.1.exp_probs_b.bias" in names) == v3
     assert hemat.from_pretrained(out).dtype == torch.float16  # an f16 file loads as float16 by default
 
 
@@ -272,13 +276,11 @@ def test_bad_gguf_files_raise_one_clear_error(tmp_path, tokenizer):
     with pytest.raises(HematError, match="tensor blk.0.attn_v.weight has type Q8_1, which hemat cannot read"):
         hemat.from_pretrained(tmp_path / "q8_1.gguf")
 
-    softmax = _deepseek(num_hidden_layers=2)
-    _write(tmp_path / "v2.gguf", softmax, tokenizer, extra_kv={"deepseek2.expert_gating_func": 1})
-    if "deepseek_v2" in MODEL_TYPES:
-        assert hemat.from_pretrained(tmp_path / "v2.gguf").config.model_type == "deepseek_v2"
-    else:
-        with pytest.raises(HematError, match="no deepseek_v2 model"):
-            hemat.from_pretrained(tmp_path / "v2.gguf")
+    qwen3 = CausalLM(ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=1, num_attention_heads=4, head_dim=16, attention_bias=True))
+    with pytest.raises(HematError, match="qwen3 has no attention biases"):
+        gguf_io.export_gguf(qwen3, tokenizer, tmp_path / "qwen3.gguf", progress=False)
+    assert not (tmp_path / "qwen3.gguf").exists()
 
 
 def test_export_gguf_command(tmp_path, tokenizer, capsys):

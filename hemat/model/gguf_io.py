@@ -191,7 +191,7 @@ def read_config(f: GGUFFile) -> ModelConfig:
     else:
         hf["model_type"] = names[arch]
         hf["head_dim"] = f.get(k.Attention.KEY_LENGTH)
-        if arch == "llama":
+        if arch in ("llama", "qwen3"):
             hf["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     if hf["model_type"] not in MODEL_TYPES:
         raise GGUFError(f"{f.path}: this version of hemat has no {hf['model_type']} model (GGUF architecture {arch!r})")
@@ -548,6 +548,12 @@ def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16",
     config = model.config
     if config.model_type not in GGUF_ARCH:
         raise GGUFError(f"model_type {config.model_type!r} has no GGUF architecture")
+    if config.model_type == "qwen3" and config.attention_bias:
+        raise GGUFError("llama.cpp's qwen3 has no attention biases; this model has attention_bias=true")
+    yarn = config.yarn
+    if config.is_mla and yarn and yarn.get("mscale", 1.0) != yarn.get("mscale_all_dim", 1.0):
+        raise GGUFError(f"GGUF stores one YaRN mscale for deepseek2; this model has mscale {yarn.get('mscale')} "
+                        f"and mscale_all_dim {yarn.get('mscale_all_dim')}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(None, GGUF_ARCH[config.model_type])
