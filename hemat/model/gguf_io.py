@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import numpy as np
 import torch
 
@@ -65,10 +66,6 @@ class GGUFError(CheckpointError):
     """A GGUF file hemat cannot read or write; the message names the file and the key or tensor."""
 
 
-def is_gguf(source) -> bool:
-    return str(source).lower().endswith(".gguf")
-
-
 # ---- reading ----------------------------------------------------------------------------------------
 
 
@@ -76,36 +73,27 @@ class GGUFFile:
     """Metadata of the first part and the tensors of every part of a (possibly split) GGUF file."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
-        self.readers = [_open_reader(p) for p in _split_parts(self.path)]
-        first = self.readers[0]
-        self.fields = {name: field.contents() for name, field in first.fields.items()
-                       if not name.startswith("GGUF.") and name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                                        "tokenizer.ggml.token_type", "tokenizer.ggml.scores")}
-        self._first = first
-        count = self.fields.get("split.count", 1)
-        if count != len(self.readers):
-            raise GGUFError(f"{self.path}: split.count is {count}, but {len(self.readers)} part(s) were found")
+        parts = _split_parts(self.path)
+        readers = [_open_reader(p) for p in parts]
+        self.fields = readers[0].fields
+        count = self.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+        if count != len(readers):
+            raise GGUFError(f"{self.path}: split.count is {count}, but {len(readers)} part(s) were found")
         self.tensors = {}
-        for reader, part in zip(self.readers, _split_parts(self.path)):
-            size = os.path.getsize(part)
+        for reader, part in zip(readers, parts):
             for t in reader.tensors:
-                if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                if t.data.nbytes != t.n_bytes:
                     raise GGUFError(f"{part}: tensor {t.name} runs past the end of the file (truncated download?)")
                 self.tensors[t.name] = (t, part)
-        self.arch = self.fields.get("general.architecture")
+        self.arch = self.get(gguf.Keys.General.ARCHITECTURE)
         if self.arch is None:
             raise GGUFError(f"{self.path}: no general.architecture key")
-        self.gguf = gguf
-
-    def array(self, key: str) -> list | None:
-        field = self._first.fields.get(key)
-        return None if field is None else field.contents()
 
     def get(self, key: str, default=None):
-        return self.fields.get(key.format(arch=self.arch), default)
+        """A metadata value (`{arch}` in the key filled in): a number, string, bool or list."""
+        field = self.fields.get(key.format(arch=getattr(self, "arch", None)))
+        return default if field is None else field.contents()
 
     def require(self, key: str):
         value = self.get(key)
@@ -119,7 +107,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: missing tensor {name}")
         t, part = self.tensors[name]
         try:
-            values = self.gguf.quants.dequantize(t.data, t.tensor_type)
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise GGUFError(f"{part}: tensor {name} has type {t.tensor_type.name}, which hemat cannot read") from None
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -127,8 +115,6 @@ class GGUFFile:
 
 
 def _open_reader(path: Path):
-    import gguf
-
     if not path.is_file():
         raise GGUFError(f"{path} does not exist")
     try:
@@ -152,12 +138,12 @@ def _split_parts(path: Path) -> list[Path]:
 
 def read_config(f: GGUFFile) -> ModelConfig:
     """The GGUF metadata as hemat's ModelConfig (Hugging Face field names)."""
-    arch, gguf = f.arch, f.gguf
+    arch = f.arch
     k = gguf.Keys
     names = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "deepseek2": None}
     if arch not in names:
         raise GGUFError(f"{f.path}: GGUF architecture {arch!r} is not supported; hemat reads {', '.join(names)}")
-    tokens = f.array(k.Tokenizer.LIST)
+    tokens = f.get(k.Tokenizer.LIST)
     hf = {
         "vocab_size": f.get(k.LLM.VOCAB_SIZE) or (len(tokens) if tokens else None) or f.tensors["token_embd.weight"][0].shape[1],
         "hidden_size": f.require(k.LLM.EMBEDDING_LENGTH),
@@ -200,14 +186,14 @@ def read_config(f: GGUFFile) -> ModelConfig:
 
 
 def _deepseek_config(f: GGUFFile) -> dict:
-    k = f.gguf.Keys
+    k = gguf.Keys
     rope = f.require(k.Rope.DIMENSION_COUNT)
     # newer files: key_length = kv_lora_rank + rope (the absorbed MQA view), key_length_mla = the per-head size
     key = f.get(k.Attention.KEY_LENGTH_MLA) or f.require(k.Attention.KEY_LENGTH)
     value = f.get(k.Attention.VALUE_LENGTH_MLA) or f.require(k.Attention.VALUE_LENGTH)
     gating = f.get(k.LLM.EXPERT_GATING_FUNC)
     # llama.cpp reads files without the key (DeepSeek-V2 GGUFs) as softmax gating
-    sigmoid = gating == int(f.gguf.ExpertGatingFuncType.SIGMOID)
+    sigmoid = gating == int(gguf.ExpertGatingFuncType.SIGMOID)
     experts = f.get(k.LLM.EXPERT_COUNT)
     return {
         "model_type": "deepseek_v3" if sigmoid or not experts else "deepseek_v2",
@@ -278,8 +264,6 @@ def _kv_b_alternatives(f: GGUFFile, config: ModelConfig) -> set[str]:
 
 def _gguf_names(config: ModelConfig) -> dict[str, list[str]]:
     """hemat's state-dict key -> the GGUF tensor name(s) it is made of (MTP layers excluded)."""
-    import gguf
-
     arch = gguf.MODEL_ARCH[GGUF_ARCH[config.model_type].upper()]
     tmap = gguf.TensorNameMap(arch, config.num_hidden_layers)
     with torch.device("meta"):
@@ -356,12 +340,12 @@ def load_gguf_tokenizer(path: str | Path):
     from hemat.tokenizer import Tokenizer
 
     f = GGUFFile(path)
-    k = f.gguf.Keys.Tokenizer
+    k = gguf.Keys.Tokenizer
     kind = f.get(k.MODEL)
     if kind != "gpt2":
         raise GGUFError(f"{f.path}: tokenizer.ggml.model {kind!r} is not supported; hemat reads byte-level BPE ('gpt2')")
-    tokens, merges = f.array(k.LIST), f.array(k.MERGES) or []
-    types = f.array(k.TOKEN_TYPE) or [TOKEN_NORMAL] * len(tokens)
+    tokens, merges = f.get(k.LIST), f.get(k.MERGES) or []
+    types = f.get(k.TOKEN_TYPE) or [TOKEN_NORMAL] * len(tokens)
     pre = f.get(k.PRE, "default")
     pre = PRE_ALIASES.get(pre, pre)
     if pre not in PRE_TOKENIZERS:
@@ -450,8 +434,6 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def _add_metadata(writer, config: ModelConfig, qtype: str, name: str) -> None:
-    import gguf
-
     writer.add_name(name)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                           "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
@@ -526,8 +508,6 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
     """llama.cpp's choice: 1-D tensors and the router stay F32; a row that does not fill whole quant
     blocks falls back to F16."""
-    import gguf
-
     if len(shape) <= 1 or name.endswith("ffn_gate_inp.weight"):
         return gguf.GGMLQuantizationType.F32
     wanted = gguf.GGMLQuantizationType[qtype.upper()]
@@ -540,7 +520,6 @@ def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16",
     """Write `model` and `tokenizer` as one GGUF file llama.cpp runs. The file is written beside `out`
     under a temporary name, fsynced and renamed into place, so `out` is never half-written. Tensors are
     quantised one at a time while writing, so memory stays near the model's own size."""
-    import gguf
     from tqdm import tqdm
 
     if qtype not in EXPORT_TYPES:
