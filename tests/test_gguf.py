@@ -191,7 +191,7 @@ def _write(path, model, tokenizer, tensor_bytes=None, skip=(), arch=None, extra_
     for name, tensor in gguf_io._export_tensors(model):
         if name in skip:
             continue
-        values = tensor.numpy()
+        values = tensor.float().numpy()
         data, qtype = tensor_bytes(name, values) if tensor_bytes and values.ndim > 1 else (values, None)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -296,5 +296,9 @@ def test_export_gguf_command(tmp_path, tokenizer, capsys):
     assert types["blk.0.attn_q.weight"] == Q.Q4_0 and types["blk.0.attn_norm.weight"] == Q.F32
     assert types["blk.0.attn_q.bias"] == Q.F32 and "output.weight" not in types  # tied embeddings
     assert hemat.load_tokenizer(out).encode(SAMPLES[0]) == tokenizer.encode(SAMPLES[0])
+    bf16 = hemat.from_pretrained(tmp_path / "model", dtype="bfloat16")  # exported piece by piece through float32
+    back = hemat.from_pretrained(gguf_io.export_gguf(bf16, tokenizer, tmp_path / "bf16.gguf", progress=False))
+    for ours, theirs in zip(bf16.parameters(), back.parameters()):
+        torch.testing.assert_close(theirs.float(), ours.float(), rtol=0, atol=1e-7)
     with pytest.raises(SystemExit, match="export-gguf"):
         main(["export-gguf", "--model", str(tmp_path / "nowhere"), "--out", str(out)])

@@ -101,13 +101,18 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: missing metadata key {key.format(arch=self.arch)}")
         return value
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor dequantised to float32, in PyTorch's (row-major, Hugging Face) shape."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in PyTorch's (row-major, Hugging Face) order; GGUF lists dimensions innermost first."""
         if name not in self.tensors:
             raise GGUFError(f"{self.path}: missing tensor {name}")
+        return tuple(reversed(self.tensors[name][0].shape.tolist()))
+
+    def tensor(self, name: str, index: int | None = None) -> torch.Tensor:
+        """One tensor (or its slice `index` along the first dimension) dequantised to float32."""
+        self.shape(name)
         t, part = self.tensors[name]
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            values = gguf.quants.dequantize(t.data if index is None else t.data[index], t.tensor_type)
         except NotImplementedError:
             raise GGUFError(f"{part}: tensor {name} has type {t.tensor_type.name}, which hemat cannot read") from None
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -241,10 +246,11 @@ def load_gguf_model(path: str | Path, device=None, dtype=None) -> CausalLM:
         for key, target in state.items():
             if key not in names:
                 continue
+            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                _copy_experts(f, key, names[key], target)
+                continue
             tensor = _read_hemat_tensor(f, key, names[key], config)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise GGUFError(f"{f.path}: tensor {names[key][0]} has shape {tuple(tensor.shape)} once mapped to "
-                                f"{key}, the config expects {tuple(target.shape)}")
+            _check_shape(f, names[key][0], key, tuple(tensor.shape), tuple(target.shape))
             target.copy_(tensor)
     model.reset_buffers()
     return model.eval()
@@ -288,9 +294,22 @@ def _gguf_names(config: ModelConfig) -> dict[str, list[str]]:
     return out
 
 
+def _check_shape(f: GGUFFile, name: str, key: str, shape: tuple, expected: tuple) -> None:
+    if shape != expected:
+        raise GGUFError(f"{f.path}: tensor {name} has shape {shape} once mapped to {key}, the config expects {expected}")
+
+
+def _copy_experts(f: GGUFFile, key: str, names: list[str], target: torch.Tensor) -> None:
+    """Routed experts one expert at a time: a layer's stacked experts in float32 would need several times
+    their share of the model's memory (DeepSeek-V3: 15 GB for one ffn_gate_exps)."""
+    shapes = [f.shape(n) for n in names]  # gate and up [experts, inter, hidden] are concatenated on dim 1
+    shape = (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+    _check_shape(f, names[0], key, shape, tuple(target.shape))
+    for j in range(target.shape[0]):
+        target[j].copy_(torch.cat([f.tensor(n, j) for n in names], dim=0))
+
+
 def _read_hemat_tensor(f: GGUFFile, key: str, names: list[str], config: ModelConfig) -> torch.Tensor:
-    if key.endswith("experts.gate_up_proj"):
-        return torch.cat([f.tensor(n) for n in names], dim=1)
     if key.endswith("self_attn.kv_b_proj.weight"):
         layer = _LAYER_KEY.match(key).group(1)
         if f"blk.{layer}.attn_kv_b.weight" in f.tensors:
@@ -484,14 +503,14 @@ def _add_metadata(writer, config: ModelConfig, qtype: str, name: str) -> None:
 
 
 def _export_tensors(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor) for every tensor llama.cpp reads; MTP layers are left out, as
+    """(GGUF name, tensor) for every tensor llama.cpp reads; MTP layers are left out, as
     llama.cpp's converter does."""
     config = model.config
     names = _gguf_names(config)
     for key, tensor in model.state_dict().items():
         if key not in names:
             continue
-        tensor = tensor.detach().float().cpu()
+        tensor = tensor.detach().cpu()  # still in the model's dtype: made float32 piece by piece when written
         if key.endswith("experts.gate_up_proj"):
             yield from zip(names[key], tensor.chunk(2, dim=1))
         elif key.endswith("self_attn.kv_b_proj.weight"):
@@ -513,6 +532,13 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
     wanted = gguf.GGMLQuantizationType[qtype.upper()]
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     return wanted if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _quantize(tensor: torch.Tensor, ttype) -> np.ndarray:
+    """Stacked experts one expert at a time, so float32 copies stay one expert large."""
+    if tensor.ndim == 3:
+        return np.stack([gguf.quants.quantize(t.float().numpy(), ttype) for t in tensor])
+    return gguf.quants.quantize(tensor.float().numpy(), ttype)
 
 
 def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16", name: str | None = None,
@@ -557,7 +583,7 @@ def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16",
         writer.write_ti_data_to_file()
         bar = tqdm(total=len(plan), desc=f"export-gguf {qtype}", unit="tensor", disable=not progress)
         for (gguf_name, ttype), (_, tensor) in zip(plan, _export_tensors(model)):
-            writer.write_tensor_data(gguf.quants.quantize(tensor.numpy(), ttype))
+            writer.write_tensor_data(_quantize(tensor, ttype))
             bar.update()
         bar.close()
         writer.close()
