@@ -148,9 +148,8 @@ def read_config(f: GGUFFile) -> ModelConfig:
     names = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "deepseek2": None}
     if arch not in names:
         raise GGUFError(f"{f.path}: GGUF architecture {arch!r} is not supported; hemat reads {', '.join(names)}")
-    tokens = f.get(k.Tokenizer.LIST)
     hf = {
-        "vocab_size": f.get(k.LLM.VOCAB_SIZE) or (len(tokens) if tokens else None) or f.tensors["token_embd.weight"][0].shape[1],
+        "vocab_size": f.get(k.LLM.VOCAB_SIZE) or f.shape("token_embd.weight")[0],
         "hidden_size": f.require(k.LLM.EMBEDDING_LENGTH),
         "intermediate_size": f.require(k.LLM.FEED_FORWARD_LENGTH),
         "num_hidden_layers": f.require(k.LLM.BLOCK_COUNT),
