@@ -28,15 +28,13 @@ import torch
 from hemat.model.config import MODEL_TYPES, ModelConfig
 from hemat.model.hf import CheckpointError, parse_dtype
 from hemat.model.transformer import CausalLM
+from hemat.tokenizer import SPLIT_PATTERN, Tokenizer
 
 _SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 # llama.cpp's names for the pre-tokenizer split of byte-level BPE vocabularies, and the regexes they stand for
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT = SPLIT_PATTERN  # hemat's own tokenizer splits as Llama 3's does
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -349,13 +347,11 @@ def _unpermute_qk(key: str, w: torch.Tensor, config: ModelConfig) -> torch.Tenso
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     """The byte-level BPE tokenizer stored in a GGUF's metadata (llama.cpp's "gpt2" tokenizer model), with
     its special tokens, pre-tokenizer split (`tokenizer.ggml.pre`) and chat template."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as BackendTokenizer
-
-    from hemat.tokenizer import Tokenizer
 
     f = GGUFFile(path)
     k = gguf.Keys.Tokenizer
