@@ -23,6 +23,7 @@ CORPUS = (
 SAMPLES = ["The quick brown fox, 12345!", "def f(x):\n    return x\n", "<think>hmm</think> <|user|> 你好 🙂"]
 MESSAGES = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5", "reasoning_content": "add"}]
 Q = gguf.GGMLQuantizationType
+V2_GREEDY = {"topk_method": "greedy", "n_group": 1, "topk_group": 1}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_exported_tokenizer_read_by_transformers_and_hemat(tmp_path, tokenizer):
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "deepseek_v2", "deepseek", "deepseek_yarn_no_q_lora_mtp"])
 def test_f16_round_trip_gives_the_same_logits(tmp_path, tokenizer, variant):
     if variant in ("llama", "qwen2", "qwen3", "deepseek_v2"):
-        overrides = {"rope_scaling": YARN_V2} if variant == "deepseek_v2" else {}
+        overrides = {"rope_scaling": YARN_V2, **V2_GREEDY} if variant == "deepseek_v2" else {}
         make_hf_model(variant, tmp_path / "hf", vocab_size=VOCAB, **overrides)
         model = hemat.from_pretrained(tmp_path / "hf")
     elif variant == "deepseek":
@@ -276,6 +277,9 @@ def test_bad_gguf_files_raise_one_clear_error(tmp_path, tokenizer):
     with pytest.raises(HematError, match="tensor blk.0.attn_v.weight has type Q8_1, which hemat cannot read"):
         hemat.from_pretrained(tmp_path / "q8_1.gguf")
 
+    make_hf_model("deepseek_v2", tmp_path / "v2", vocab_size=VOCAB)  # group_limited_greedy over 4 groups
+    with pytest.raises(HematError, match="group_limited_greedy"):
+        gguf_io.export_gguf(hemat.from_pretrained(tmp_path / "v2"), tokenizer, tmp_path / "v2.gguf", progress=False)
     qwen3 = CausalLM(ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                                  num_hidden_layers=1, num_attention_heads=4, head_dim=16, attention_bias=True))
     with pytest.raises(HematError, match="qwen3 has no attention biases"):

@@ -550,6 +550,10 @@ def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16",
         raise GGUFError(f"model_type {config.model_type!r} has no GGUF architecture")
     if config.model_type == "qwen3" and config.attention_bias:
         raise GGUFError("llama.cpp's qwen3 has no attention biases; this model has attention_bias=true")
+    if config.topk_method == "group_limited_greedy" and config.n_group > 1:
+        # measured with llama-cpp-python 0.3.36: such a file routes some tokens to other experts than DeepSeek-V2 does
+        raise GGUFError("llama.cpp ranks expert groups as DeepSeek-V3 does (sum of the top two scores), not by "
+                        "DeepSeek-V2's group_limited_greedy maximum: this model would route differently there")
     yarn = config.yarn
     if config.is_mla and yarn and yarn.get("mscale", 1.0) != yarn.get("mscale_all_dim", 1.0):
         raise GGUFError(f"GGUF stores one YaRN mscale for deepseek2; this model has mscale {yarn.get('mscale')} "
