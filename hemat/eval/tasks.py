@@ -298,7 +298,7 @@ def add_command(subparsers) -> set[str]:
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (weights + tokenizer)")
     parser.add_argument("--tasks", required=True, metavar="SPEC", help="comma-separated tasks, see below")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default: MODEL/eval)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: MODEL/eval, or NAME-eval beside a NAME.gguf)")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N items per task (arith: default 200)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--max-tokens", type=int, default=512, help="generated tokens per answer (default 512)")
@@ -357,6 +357,8 @@ def _eval_command(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - start
     results = run_tasks(ctx, specs)
     summary = results_summary(ctx, specs, results, load_s, time.perf_counter() - start)
-    paths = write_results(args.out or model_dir / "eval", summary, results)
+    # a .gguf model is one file: its results go beside it
+    default_out = model_dir.with_name(f"{model_dir.stem}-eval") if model_dir.suffix == ".gguf" else model_dir / "eval"
+    paths = write_results(args.out or default_out, summary, results)
     print(markdown_table(summary))
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['samples']}")
