@@ -232,6 +232,35 @@ def test_reads_k_quants_and_legacy_quants_like_transformers(tmp_path, tokenizer)
     assert (_logits(ours, ids) - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
 
 
+def test_reads_older_deepseek2_files_with_attn_kv_b(tmp_path, tokenizer):
+    """Files converted before llama.cpp split kv_b for absorbed MLA: one attn_kv_b, key/value_length per head."""
+    model = _deepseek(num_hidden_layers=2)
+    config, path = model.config, tmp_path / "old.gguf"
+    writer = gguf.GGUFWriter(path, "deepseek2")
+    gguf_io._add_metadata(writer, config, "f16", "old")
+    gguf_io._add_tokenizer(writer, tokenizer, config.vocab_size)
+    for key in ("deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla"):
+        del writer.kv_data[0][key]
+    writer.add_key_length(config.qk_head_dim)
+    writer.add_value_length(config.v_head_dim)
+    kv_b = {f"model.layers.{i}.self_attn.kv_b_proj.weight" for i in range(config.num_hidden_layers)}
+    names = gguf_io._gguf_names(config)
+    for key, tensor in model.state_dict().items():
+        if key in kv_b:
+            writer.add_tensor(names[key][0].replace("attn_k_b", "attn_kv_b"), tensor.numpy())
+    for name, tensor in gguf_io._export_tensors(model):
+        if not name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    back = hemat.from_pretrained(path, dtype="float32")
+    assert (back.config.qk_nope_head_dim, back.config.v_head_dim) == (config.qk_nope_head_dim, config.v_head_dim)
+    ids = _ids(seed=4)
+    assert (_logits(back, ids) - _logits(model, ids)).abs().max().item() < 1e-4
+
+
 # ---- split files and bad input --------------------------------------------------------------------------
 
 
