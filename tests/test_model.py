@@ -129,7 +129,7 @@ def test_deepseek_v2_config_defaults_and_errors():
     assert ModelConfig(model_type="deepseek_v3").scoring_func == "sigmoid"
     for bad, field in [({"moe_layer_freq": 2}, "moe_layer_freq"), ({"scoring_func": "sigmoid"}, "scoring_func"),
                        ({"topk_method": "noaux_tc"}, "topk_method"), ({"num_nextn_predict_layers": 1}, "nextn"),
-                       ({"norm_topk_prob": True, "routed_scaling_factor": 16.0}, "norm_topk_prob"),
+                       ({"norm_topk_prob": True}, "norm_topk_prob"),
                        ({"attention_bias": True}, "attention_bias")]:
         with pytest.raises(ConfigError, match=field):
             ModelConfig.from_hf_dict({**v2, **bad})
