@@ -36,6 +36,8 @@ QWEN3_VARIANTS = {
     "untied_head_dim_24": {},  # head_dim 24, hidden 64 / 4 heads = 16
     "tied": {"tie_word_embeddings": True},
     "attention_bias_yarn": {"attention_bias": True, "rope_scaling": YARN},
+    "yarn_attention_factor_untruncated": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9,
+                                                           "original_max_position_embeddings": 64, "truncate": False}},
 }
 
 
@@ -107,6 +109,24 @@ def test_qwen3_matches_transformers_both_ways(tmp_path, variant):
     on_disk = load_file(tmp_path / "hemat" / "model.safetensors")
     assert ("lm_head.weight" in on_disk) != reference.config.tie_word_embeddings
     assert "model.layers.0.self_attn.q_norm.weight" in on_disk
+
+
+def test_qwen3_yarn_attn_factor_multiplies_the_attention_factor_as_vllm_does(tmp_path):
+    """DeepSeek-R1-0528-Qwen3-8B's config sets rope_scaling.attn_factor 0.8782 (= 1 / (0.1 ln 4 + 1)), which
+    vLLM and SGLang multiply into YaRN's cos/sin factor and transformers ignores. hemat follows vLLM: the
+    checkpoint computes as transformers does with attention_factor = (0.1 ln 4 + 1) · attn_factor (= 1.0)."""
+    attn_factor = 0.8782488562869419
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    reference = make_hf_model("qwen3", tmp_path / "hf", rope_scaling={
+        **yarn, "attention_factor": (0.1 * math.log(4.0) + 1) * attn_factor})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config.get("rope_scaling") or config["rope_parameters"]
+    del rope["attention_factor"]
+    rope["attn_factor"] = attn_factor
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    model = hemat.from_pretrained(tmp_path / "hf")
+    assert model.model.rotary_emb.attention_factor == pytest.approx(1.0, abs=1e-6)
+    _assert_logits_close(reference, model, _ids())
 
 
 def test_qwen3_without_head_dim_means_128_as_in_transformers():
