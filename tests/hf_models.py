@@ -10,7 +10,8 @@ DEEPSEEK_BASE = dict(
     initializer_range=0.1, num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, pad_token_id=None,
 )
 DEEPSEEK_V2_BASE = {**{k: v for k, v in DEEPSEEK_BASE.items() if k != "num_nextn_predict_layers"},
-                    "topk_method": "group_limited_greedy", "norm_topk_prob": False}
+                    "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+                    "topk_group": 1}  # 1 group of 2 kept for 2 experts per token: differs from greedy's choice
 QWEN3_BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=24, max_position_embeddings=256, initializer_range=0.1,

@@ -36,6 +36,8 @@ QWEN3_VARIANTS = {
     "untied_head_dim_24": {},  # head_dim 24, hidden 64 / 4 heads = 16
     "tied": {"tie_word_embeddings": True},
     "attention_bias_yarn": {"attention_bias": True, "rope_scaling": YARN},
+    "yarn_attention_factor_untruncated": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9,
+                                                           "original_max_position_embeddings": 64, "truncate": False}},
 }
 
 
@@ -109,6 +111,24 @@ def test_qwen3_matches_transformers_both_ways(tmp_path, variant):
     assert "model.layers.0.self_attn.q_norm.weight" in on_disk
 
 
+def test_qwen3_yarn_attn_factor_multiplies_the_attention_factor_as_vllm_does(tmp_path):
+    """DeepSeek-R1-0528-Qwen3-8B's config sets rope_scaling.attn_factor 0.8782 (= 1 / (0.1 ln 4 + 1)), which
+    vLLM and SGLang multiply into YaRN's cos/sin factor and transformers ignores. hemat follows vLLM: the
+    checkpoint computes as transformers does with attention_factor = (0.1 ln 4 + 1) · attn_factor (= 1.0)."""
+    attn_factor = 0.8782488562869419
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    reference = make_hf_model("qwen3", tmp_path / "hf", rope_scaling={
+        **yarn, "attention_factor": (0.1 * math.log(4.0) + 1) * attn_factor})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config.get("rope_scaling") or config["rope_parameters"]
+    del rope["attention_factor"]
+    rope["attn_factor"] = attn_factor
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    model = hemat.from_pretrained(tmp_path / "hf")
+    assert model.model.rotary_emb.attention_factor == pytest.approx(1.0, abs=1e-6)
+    _assert_logits_close(reference, model, _ids())
+
+
 def test_qwen3_without_head_dim_means_128_as_in_transformers():
     config = ModelConfig.from_hf_dict({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
                                        "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128,
@@ -129,7 +149,7 @@ def test_deepseek_v2_config_defaults_and_errors():
     assert ModelConfig(model_type="deepseek_v3").scoring_func == "sigmoid"
     for bad, field in [({"moe_layer_freq": 2}, "moe_layer_freq"), ({"scoring_func": "sigmoid"}, "scoring_func"),
                        ({"topk_method": "noaux_tc"}, "topk_method"), ({"num_nextn_predict_layers": 1}, "nextn"),
-                       ({"norm_topk_prob": True, "routed_scaling_factor": 16.0}, "norm_topk_prob"),
+                       ({"norm_topk_prob": True}, "norm_topk_prob"),
                        ({"attention_bias": True}, "attention_bias")]:
         with pytest.raises(ConfigError, match=field):
             ModelConfig.from_hf_dict({**v2, **bad})

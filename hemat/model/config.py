@@ -207,10 +207,11 @@ class ModelConfig:
         if self.topk_method not in routing["topk_methods"]:
             raise ConfigError(f"topk_method: {self.model_type} supports {', '.join(routing['topk_methods'])}; "
                               f"got {self.topk_method!r}")
-        if self.model_type == "deepseek_v2" and self.norm_topk_prob and self.routed_scaling_factor != 1.0:
-            # DeepSeek's V2 code then normalises without scaling, transformers scales without normalising
-            raise ConfigError("deepseek_v2 with norm_topk_prob=true needs routed_scaling_factor 1.0 (the reference "
-                              f"implementations disagree otherwise), got {self.routed_scaling_factor}")
+        if self.model_type == "deepseek_v2" and self.norm_topk_prob:
+            # DeepSeek's V2 code then normalises and skips routed_scaling_factor, transformers ignores it: no
+            # released V2 checkpoint sets it, and a checkpoint that did would compute differently elsewhere
+            raise ConfigError("norm_topk_prob: deepseek_v2 supports only false (DeepSeek's V2 code and "
+                              "transformers disagree on what true means); got true")
 
     # ---- Hugging Face config.json ----------------------------------------------------------
     @classmethod
