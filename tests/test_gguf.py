@@ -309,6 +309,9 @@ def test_bad_gguf_files_raise_one_clear_error(tmp_path, tokenizer):
     make_hf_model("deepseek_v2", tmp_path / "v2", vocab_size=VOCAB)  # group_limited_greedy over 4 groups
     with pytest.raises(HematError, match="group_limited_greedy"):
         gguf_io.export_gguf(hemat.from_pretrained(tmp_path / "v2"), tokenizer, tmp_path / "v2.gguf", progress=False)
+    yarn = CausalLM(model.config.replace(rope_scaling={**YARN, "truncate": False}))
+    with pytest.raises(HematError, match="plain YaRN only"):
+        gguf_io.export_gguf(yarn, tokenizer, tmp_path / "yarn.gguf", progress=False)
     qwen3 = CausalLM(ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                                  num_hidden_layers=1, num_attention_heads=4, head_dim=16, attention_bias=True))
     with pytest.raises(HematError, match="qwen3 has no attention biases"):

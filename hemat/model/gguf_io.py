@@ -555,6 +555,10 @@ def export_gguf(model: CausalLM, tokenizer, out: str | Path, qtype: str = "f16",
         raise GGUFError("llama.cpp ranks expert groups as DeepSeek-V3 does (sum of the top two scores), not by "
                         "DeepSeek-V2's group_limited_greedy maximum: this model would route differently there")
     yarn = config.yarn
+    extras = {k: yarn[k] for k in ("attention_factor", "attn_factor") if yarn and yarn.get(k) is not None}
+    if yarn and (extras or not yarn.get("truncate", True)):
+        raise GGUFError(f"GGUF export writes plain YaRN only; this model's rope_scaling also has "
+                        f"{extras or {'truncate': False}}")
     if config.is_mla and yarn and yarn.get("mscale", 1.0) != yarn.get("mscale_all_dim", 1.0):
         raise GGUFError(f"GGUF stores one YaRN mscale for deepseek2; this model has mscale {yarn.get('mscale')} "
                         f"and mscale_all_dim {yarn.get('mscale_all_dim')}")
