@@ -188,7 +188,7 @@ def _write(path, model, tokenizer, tensor_bytes=None, skip=(), arch=None, extra_
     gguf_io._add_metadata(writer, config, "f16", "test")
     gguf_io._add_tokenizer(writer, tokenizer, config.vocab_size)
     for key, value in (extra_kv or {}).items():
-        writer.add_uint32(key, value)
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
     for name, tensor in gguf_io._export_tensors(model):
         if name in skip:
             continue
@@ -297,6 +297,12 @@ def test_bad_gguf_files_raise_one_clear_error(tmp_path, tokenizer):
     _write(tmp_path / "gemma.gguf", model, tokenizer, arch="gemma")
     with pytest.raises(HematError, match="architecture 'gemma' is not supported"):
         hemat.from_pretrained(tmp_path / "gemma.gguf")
+    _write(tmp_path / "spm.gguf", model, tokenizer, extra_kv={"tokenizer.ggml.model": "llama"})
+    with pytest.raises(HematError, match="tokenizer.ggml.model 'llama' is not supported"):
+        hemat.load_tokenizer(tmp_path / "spm.gguf")
+    _write(tmp_path / "glm.gguf", model, tokenizer, extra_kv={"tokenizer.ggml.pre": "chatglm-bpe"})
+    with pytest.raises(HematError, match="tokenizer.ggml.pre 'chatglm-bpe' is not supported"):
+        hemat.load_tokenizer(tmp_path / "glm.gguf")
     _write(tmp_path / "missing.gguf", model, tokenizer, skip={"blk.0.ffn_down.weight"})
     with pytest.raises(HematError, match="missing.gguf: missing tensor blk.0.ffn_down.weight"):
         hemat.from_pretrained(tmp_path / "missing.gguf")
