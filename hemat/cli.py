@@ -22,6 +22,7 @@ COMMANDS = {
     "chat": ("hemat.infer.cli", "chat with a model in the terminal"),
     "serve": ("hemat.serve.app", "serve an OpenAI-compatible API and web chat"),
     "cost": ("hemat.cost", "training FLOPs, time and dollars; MFU from device-hours"),
+    "export-gguf": ("hemat.model.gguf_io", "write a model as a GGUF file for llama.cpp (f16, q8_0, q4_0)"),
     "params": ("hemat.model.params", "parameter counts: total, active, embedding, MTP"),
     "convert": ("hemat.model.convert", "rewrite a checkpoint as fp32, bf16 or block-FP8 safetensors"),
     "speedrun": ("hemat.speedrun", "the whole pipeline on a preset, with a report card"),

@@ -231,8 +231,12 @@ def _normalize_message(message: dict) -> dict:
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:
-    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), the tokenizer.json itself, or
-    a Hub id `org/name[@revision]`."""
+    """A directory with `tokenizer.json` (hemat's or any HF fast tokenizer), the tokenizer.json itself, a
+    .gguf file (its byte-level BPE vocabulary, read by hemat.model.gguf_io) or a Hub id `org/name[@revision]`."""
+    if str(source).lower().endswith(".gguf"):
+        from hemat.model.gguf_io import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(source)
     from hemat.model.hub import resolve_model_source
 
     path = resolve_model_source(source)

@@ -9,12 +9,25 @@ DEEPSEEK_BASE = dict(
     v_head_dim=12, first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=256,
     initializer_range=0.1, num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, pad_token_id=None,
 )
+DEEPSEEK_V2_BASE = {**{k: v for k, v in DEEPSEEK_BASE.items() if k != "num_nextn_predict_layers"},
+                    "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+                    "topk_group": 1}  # 1 group of 2 kept for 2 experts per token: differs from greedy's choice
+QWEN3_BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=24, max_position_embeddings=256, initializer_range=0.1,
+    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+)
 YARN = {"type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
         "original_max_position_embeddings": 64}
+# DeepSeek-V2's released YaRN (mscale = mscale_all_dim = 0.707: cos/sin unscaled, the softmax scale by
+# mscale²) and a variant where the two differ, so that cos/sin are scaled too
+YARN_V2 = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+YARN_V2_UNEQUAL = {**YARN, "mscale": 1.0, "mscale_all_dim": 0.707}
 
 
 def make_hf_model(kind: str, path, **overrides):
-    """Build a random transformers model of `kind` (deepseek_v3, llama, qwen2), save it to `path`."""
+    """Build a random transformers model of `kind` (deepseek_v3, deepseek_v2, llama, qwen2, qwen3), save it
+    to `path`."""
     import transformers
 
     torch.manual_seed(1)
@@ -25,6 +38,16 @@ def make_hf_model(kind: str, path, **overrides):
             for layer in model.model.layers:
                 if hasattr(layer.mlp, "gate"):
                     layer.mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    elif kind == "deepseek_v2":
+        config = transformers.DeepseekV2Config(**{**DEEPSEEK_V2_BASE, **overrides})
+        model = transformers.DeepseekV2ForCausalLM(config)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**{**QWEN3_BASE, **overrides})
+        model = transformers.Qwen3ForCausalLM(config)
+        with torch.no_grad():  # transformers initialises the norms to one; make the per-head norms count
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(0.5, 1.5)
     elif kind == "llama":
         config = transformers.LlamaConfig(**{**dict(
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -21,12 +21,13 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def tiny_config(kind: str, **overrides) -> ModelConfig:
-    if kind == "deepseek_v3":
+    if kind in ("deepseek_v3", "deepseek_v2"):
         base = dict(
-            model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+            model_type=kind, vocab_size=VOCAB, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
             num_hidden_layers=2, num_attention_heads=3, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
             n_group=2, topk_group=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128,
+            v_head_dim=8, first_k_dense_replace=1, num_nextn_predict_layers=int(kind == "deepseek_v3"),
+            max_position_embeddings=128,
             initializer_range=0.2,
         )
     else:
@@ -64,7 +65,7 @@ def tokens(out) -> list[list[int]]:
 
 
 # ---- the paged cache --------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["deepseek_v3", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "qwen2", "qwen3"])
 def test_paged_cache_matches_full_forward_for_a_ragged_batch(kind):
     model = tiny_model(kind)
     config = model.config
@@ -95,7 +96,7 @@ def test_paged_cache_matches_full_forward_for_a_ragged_batch(kind):
 
 # ---- greedy generation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, speculative", [("deepseek_v3", "off"), ("deepseek_v3", "auto"), ("llama", "off"),
-                                               ("qwen2", "off")])
+                                               ("qwen2", "off"), ("deepseek_v2", "off"), ("qwen3", "off")])
 def test_batched_greedy_generation_equals_uncached_greedy(kind, speculative):
     model = tiny_model(kind)
     engine = Engine(model, max_batch_size=4, page_size=4, speculative=speculative)

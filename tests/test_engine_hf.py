@@ -7,14 +7,19 @@ import torch
 import hemat
 from hemat.infer.engine import Engine
 from hemat.infer.sampling import SamplingParams
-from hf_models import make_hf_model
+from hf_models import YARN_V2, YARN_V2_UNEQUAL, make_hf_model
 
 NEW_TOKENS = 32
 CASES = {
     "deepseek_v3_q_lora_moe": ("deepseek_v3", {}),
     "deepseek_v3_no_q_lora_moe": ("deepseek_v3", {"q_lora_rank": None}),
+    "deepseek_v2_q_lora_group_limited_yarn": ("deepseek_v2", {"rope_scaling": YARN_V2}),
+    "deepseek_v2_no_q_lora_greedy_yarn": ("deepseek_v2", {"q_lora_rank": None, "topk_method": "greedy",
+                                                          "rope_scaling": YARN_V2_UNEQUAL}),
     "llama": ("llama", {}),
     "qwen2": ("qwen2", {}),
+    "qwen3_untied_head_dim_24": ("qwen3", {}),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
 }
 
 

@@ -23,9 +23,9 @@ from hemat.train.config import ConfigValueError, TrainConfig
 
 
 def tiny_model(kind: str = "deepseek_v3", seed: int = 0, **overrides) -> CausalLM:
-    if kind == "deepseek_v3":
+    if kind in ("deepseek_v3", "deepseek_v2"):
         base = dict(
-            model_type="deepseek_v3", vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+            model_type=kind, vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
             num_hidden_layers=2, num_attention_heads=3, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
             n_group=2, topk_group=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
             v_head_dim=8, first_k_dense_replace=1, max_position_embeddings=128, initializer_range=0.2,
@@ -223,7 +223,7 @@ def test_buckets():
     assert short.batch_buckets == [1] and short.span_buckets == [112]  # the context in whole pages
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "llama"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "qwen3"])
 def test_bucketed_decode_step_equals_the_plain_decode_step(kind):
     model = tiny_model(kind)
     gen = torch.Generator().manual_seed(1)
@@ -267,7 +267,7 @@ def test_step_indices_are_the_same_with_the_graphs_own_aranges():
     assert steps[0][1].tolist() == [4 * 4 + 2, 8 * 4 + 1, 0]  # position 6 is on page 4; row 2 is padding
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "llama"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "qwen3"])
 def test_engine_with_the_bucketed_step_generates_the_same_tokens(kind):
     model = tiny_model(kind)
     prompts = [torch.randint(2, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 19, 11)]

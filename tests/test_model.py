@@ -13,7 +13,7 @@ from hemat.model.hf import CheckpointError
 from hemat.model.moe import Router
 from hemat.model.transformer import CausalLM
 from hemat.presets import load_model_config
-from hf_models import YARN, make_hf_model
+from hf_models import YARN, YARN_V2, YARN_V2_UNEQUAL, make_hf_model
 
 DEEPSEEK_VARIANTS = {
     "q_lora": {},
@@ -22,6 +22,22 @@ DEEPSEEK_VARIANTS = {
     "all_dense": {"first_k_dense_replace": 3},
     "yarn": {"rope_scaling": YARN},
     "yarn_no_q_lora_ungrouped": {"rope_scaling": YARN, "q_lora_rank": None, "n_group": 1, "topk_group": 1},
+}
+DEEPSEEK_V2_VARIANTS = {
+    "q_lora_group_limited": {},
+    "no_q_lora_greedy": {"q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1},
+    "greedy_ignores_groups": {"topk_method": "greedy"},  # n_group 4, topk_group 2 in the config, unused
+    "yarn_v2_mscale": {"rope_scaling": YARN_V2},
+    "yarn_unequal_mscale_no_q_lora_greedy": {"rope_scaling": YARN_V2_UNEQUAL, "q_lora_rank": None,
+                                             "topk_method": "greedy"},
+    "dense0_scaling1": {"first_k_dense_replace": 0, "routed_scaling_factor": 1.0},
+}
+QWEN3_VARIANTS = {
+    "untied_head_dim_24": {},  # head_dim 24, hidden 64 / 4 heads = 16
+    "tied": {"tie_word_embeddings": True},
+    "attention_bias_yarn": {"attention_bias": True, "rope_scaling": YARN},
+    "yarn_attention_factor_untruncated": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9,
+                                                           "original_max_position_embeddings": 64, "truncate": False}},
 }
 
 
@@ -47,6 +63,113 @@ def test_deepseek_v3_matches_transformers_both_ways(tmp_path, variant):
     model.save_pretrained(tmp_path / "hemat")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hemat").float().eval()
     _assert_logits_close(reloaded, model, _ids(seed=1))
+
+
+def _assert_transformers_reloads(tmp_path, model, architecture):
+    """hemat's save_pretrained → transformers loads the same model class and computes the same logits."""
+    import transformers
+
+    model.save_pretrained(tmp_path / "hemat")
+    config = json.loads((tmp_path / "hemat" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hemat").float().eval()
+    assert type(reloaded).__name__ == architecture
+    _assert_logits_close(reloaded, model, _ids(seed=1))
+    return config
+
+
+@pytest.mark.parametrize("variant", list(DEEPSEEK_V2_VARIANTS))
+def test_deepseek_v2_matches_transformers_both_ways(tmp_path, variant):
+    reference = make_hf_model("deepseek_v2", tmp_path / "hf", **DEEPSEEK_V2_VARIANTS[variant])
+    model = hemat.from_pretrained(tmp_path / "hf")
+    assert model.config.model_type == "deepseek_v2" and model.config.scoring_func == "softmax"
+    assert all(moe.gate.e_score_correction_bias is None for moe in model.moe_layers())
+    _assert_logits_close(reference, model, _ids())
+    config = _assert_transformers_reloads(tmp_path, model, "DeepseekV2ForCausalLM")
+    assert config["topk_method"] == reference.config.topk_method
+    on_disk = load_file(tmp_path / "hemat" / "model.safetensors")
+    assert not any("e_score_correction_bias" in k for k in on_disk)
+    assert hemat.from_pretrained(tmp_path / "hemat").config == model.config
+
+
+@pytest.mark.parametrize("variant", list(QWEN3_VARIANTS))
+def test_qwen3_matches_transformers_both_ways(tmp_path, variant):
+    reference = make_hf_model("qwen3", tmp_path / "hf", **QWEN3_VARIANTS[variant])
+    if reference.config.attention_bias:  # transformers initialises biases to zero; make them count
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(std=0.1)
+        reference.save_pretrained(tmp_path / "hf")
+    model = hemat.from_pretrained(tmp_path / "hf")
+    assert model.config.model_type == "qwen3" and model.config.dense_head_dim == 24
+    _assert_logits_close(reference, model, _ids())
+    config = _assert_transformers_reloads(tmp_path, model, "Qwen3ForCausalLM")
+    assert config["head_dim"] == 24 and config["tie_word_embeddings"] == reference.config.tie_word_embeddings
+    on_disk = load_file(tmp_path / "hemat" / "model.safetensors")
+    assert ("lm_head.weight" in on_disk) != reference.config.tie_word_embeddings
+    assert "model.layers.0.self_attn.q_norm.weight" in on_disk
+
+
+def test_qwen3_yarn_attn_factor_multiplies_the_attention_factor_as_vllm_does(tmp_path):
+    """DeepSeek-R1-0528-Qwen3-8B's config sets rope_scaling.attn_factor 0.8782 (= 1 / (0.1 ln 4 + 1)), which
+    vLLM and SGLang multiply into YaRN's cos/sin factor and transformers ignores. hemat follows vLLM: the
+    checkpoint computes as transformers does with attention_factor = (0.1 ln 4 + 1) · attn_factor (= 1.0)."""
+    attn_factor = 0.8782488562869419
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    reference = make_hf_model("qwen3", tmp_path / "hf", rope_scaling={
+        **yarn, "attention_factor": (0.1 * math.log(4.0) + 1) * attn_factor})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config.get("rope_scaling") or config["rope_parameters"]
+    del rope["attention_factor"]
+    rope["attn_factor"] = attn_factor
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    model = hemat.from_pretrained(tmp_path / "hf")
+    assert model.model.rotary_emb.attention_factor == pytest.approx(1.0, abs=1e-6)
+    _assert_logits_close(reference, model, _ids())
+
+
+def test_qwen3_without_head_dim_means_128_as_in_transformers():
+    config = ModelConfig.from_hf_dict({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128,
+                                       "num_hidden_layers": 1})
+    assert config.dense_head_dim == 128 and config.qk_norm
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf_dict({"model_type": "qwen3", "use_sliding_window": True})
+
+
+def test_deepseek_v2_config_defaults_and_errors():
+    v2 = {"model_type": "deepseek_v2", "vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4,
+          "intermediate_size": 96, "num_hidden_layers": 2, "n_routed_experts": 8, "num_experts_per_tok": 2,
+          "n_group": None, "topk_group": None}
+    config = ModelConfig.from_hf_dict(v2)
+    assert (config.scoring_func, config.topk_method, config.norm_topk_prob, config.n_group) == ("softmax", "greedy",
+                                                                                                False, 1)
+    assert config.first_k_dense_replace == 0 and config.is_moe_layer(0)
+    assert ModelConfig(model_type="deepseek_v3").scoring_func == "sigmoid"
+    for bad, field in [({"moe_layer_freq": 2}, "moe_layer_freq"), ({"scoring_func": "sigmoid"}, "scoring_func"),
+                       ({"topk_method": "noaux_tc"}, "topk_method"), ({"num_nextn_predict_layers": 1}, "nextn"),
+                       ({"norm_topk_prob": True}, "norm_topk_prob"),
+                       ({"attention_bias": True}, "attention_bias")]:
+        with pytest.raises(ConfigError, match=field):
+            ModelConfig.from_hf_dict({**v2, **bad})
+
+
+def test_group_limited_greedy_scores_a_group_by_its_best_expert():
+    """DeepSeek-V2 keeps the groups holding the best single experts (V3 sums a group's best two): here
+    group 0 has one strong expert, group 1 two good ones; V2 keeps group 0."""
+    config = _tiny_config(model_type="deepseek_v2", num_nextn_predict_layers=0, n_routed_experts=4, n_group=2,
+                          topk_group=1, num_experts_per_tok=1, topk_method="group_limited_greedy",
+                          routed_scaling_factor=1.0)
+    router = Router(config)
+    x = torch.zeros(1, 48)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.log(torch.tensor([0.4, 0.0001, 0.3, 0.2999]))  # softmax → these scores
+    weights, ids, scores = router(x)
+    assert ids.tolist() == [[0]] and torch.allclose(scores.sum(), torch.tensor(1.0))
+    assert weights.item() == pytest.approx(0.4, rel=1e-4)  # norm_topk_prob false: the raw softmax score
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -32,7 +32,30 @@ CONFIGS = {
         model_type="qwen2", vocab_size=100, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True, n_routed_experts=None,
     ),
+    "qwen3-bias-headdim": ModelConfig(
+        model_type="qwen3", vocab_size=100, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=6, attention_bias=True, n_routed_experts=None,
+    ),
+    "deepseek-v2-no-q-lora-greedy": ModelConfig(
+        **{**TINY_MLA, "model_type": "deepseek_v2", "q_lora_rank": None, "num_nextn_predict_layers": 0,
+           "topk_method": "greedy"}
+    ),
 }
+
+# Published configurations (config.json on the hub) and the totals their model cards quote
+DEEPSEEK_V2 = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+    num_hidden_layers=60, first_k_dense_replace=1, num_attention_heads=128, n_routed_experts=160, n_shared_experts=2,
+    num_experts_per_tok=6, n_group=8, topk_group=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=16.0, topk_method="group_limited_greedy",
+)
+DEEPSEEK_V2_LITE = {**DEEPSEEK_V2, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                    "num_hidden_layers": 27, "num_attention_heads": 16, "n_routed_experts": 64, "n_group": 1,
+                    "topk_group": 1, "q_lora_rank": None, "routed_scaling_factor": 1.0, "topk_method": "greedy"}
+QWEN3_8B = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+QWEN3_0_6B = {**QWEN3_8B, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+              "num_attention_heads": 16, "tie_word_embeddings": True}
 
 
 def within(value, target, rel):
@@ -94,6 +117,37 @@ def test_dense_models_by_hand():
     assert qwen.lm_head == 0
     assert qwen.main == 100 * h + h + 2 * (attn + 2 * h + 3 * h * 40)
     assert qwen.active == qwen.main  # the tied head still runs: its V×H counts as active
+
+
+def test_qwen3_and_deepseek_v2_by_hand():
+    qwen = count_parameters(CONFIGS["qwen3-bias-headdim"])
+    h, d = 16, 6
+    attn = h * 4 * d + 2 * h * 2 * d + 4 * d * h + (4 * d + 2 * 2 * d + h) + 2 * d  # weights, q/k/v/o biases, q/k norms
+    assert qwen.breakdown["attention"] == 2 * attn
+    assert qwen.main == 2 * 100 * h + h + 2 * (attn + 2 * h + 3 * h * 40)
+
+    v2 = count_parameters(CONFIGS["deepseek-v2-no-q-lora-greedy"])
+    heads = 2
+    attn = h * heads * 10 + (h * (10 + 4) + 10 + 10 * heads * (6 + 6)) + heads * 6 * h  # q_proj, kv, o_proj
+    expert = 3 * h * 8
+    moe_layer = attn + 2 * h + 4 * h + 4 * expert + expert  # router weight only: V2 has no correction bias
+    assert v2.main == v2.total == 2 * 100 * h + h + (attn + 2 * h + 3 * h * 40) + 2 * moe_layer
+    assert v2.active == v2.main - 100 * h - 2 * 2 * expert and v2.mtp == 0
+
+
+@pytest.mark.parametrize("config, total, active, non_embedding", [
+    (DEEPSEEK_V2, 236e9, 21e9, None),  # DeepSeek-V2 paper: 236B total, 21B activated
+    (DEEPSEEK_V2_LITE, 15.7e9, 2.4e9, None),  # DeepSeek-V2-Lite model card: 15.7B, 2.4B activated
+    (QWEN3_8B, 8.2e9, None, 6.95e9),  # Qwen3-8B model card: 8.2B, 6.95B non-embedding
+    (QWEN3_0_6B, 0.6e9, None, 0.44e9),  # Qwen3-0.6B model card: 0.6B, 0.44B non-embedding (tied head)
+])
+def test_qwen3_and_deepseek_v2_match_published_totals(config, total, active, non_embedding):
+    c = count_parameters(ModelConfig.from_hf_dict(config))
+    assert within(c.main, total, 0.01)
+    if active:
+        assert within(c.active, active, 0.025)
+    if non_embedding:
+        assert within(c.main - c.embedding - c.lm_head, non_embedding, 0.005)
 
 
 def test_mtp_ignored_for_dense_model_types():

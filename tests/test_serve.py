@@ -527,3 +527,24 @@ def test_serve_command_rejects_bad_flags(random_checkpoint):
     with pytest.raises(HematError, match="--max-concurrent"):
         args.func(args)
     assert args.host == "127.0.0.1"  # loopback unless told otherwise
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "deepseek_v2"])
+def test_served_qwen3_and_deepseek_v2_complete_as_transformers_greedy(tmp_path, kind):
+    """A checkpoint transformers saved (with a hemat tokenizer beside it) served through the API: greedy
+    completion text equals transformers' greedy `generate`, decoded."""
+    from hf_models import make_hf_model
+
+    (tmp_path / "corpus.txt").write_text(CORPUS * 30, encoding="utf-8")
+    tokenizer = train_tokenizer([tmp_path / "corpus.txt"], 400, tmp_path / "ckpt", show_progress=False)
+    reference = make_hf_model(kind, tmp_path / "ckpt", vocab_size=tokenizer.vocab_size)
+    ids = tokenizer.encode("The quick brown", add_special_tokens=True)
+    with torch.no_grad():
+        prompt = torch.tensor([ids])  # BOS is id 0: an explicit mask, or generate would take it for padding
+        out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    with LiveServer(tmp_path / "ckpt") as live:
+        r = live.client().completions.create(model=MODEL_NAME, prompt=ids, max_tokens=12, temperature=0,
+                                             extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 12
+    assert r.choices[0].text == tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)

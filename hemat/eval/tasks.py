@@ -301,7 +301,7 @@ def add_command(subparsers) -> set[str]:
                         help="checkpoint directory (weights + tokenizer) or a Hub id org/name[@revision]")
     parser.add_argument("--tasks", required=True, metavar="SPEC", help="comma-separated tasks, see below")
     parser.add_argument("--out", metavar="DIR",
-                        help="output directory (default: MODEL/eval; eval/ORG--NAME for a Hub id)")
+                        help="output directory (default: MODEL/eval; eval/ORG--NAME for a Hub id; NAME-eval beside a NAME.gguf)")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N items per task (arith: default 200)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--max-tokens", type=int, default=512, help="generated tokens per answer (default 512)")
@@ -360,7 +360,12 @@ def _eval_command(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - start
     results = run_tasks(ctx, specs)
     summary = results_summary(ctx, specs, results, load_s, time.perf_counter() - start)
-    default_out = Path("eval") / args.model.replace("/", "--") if is_hub_id(args.model) else model_dir / "eval"
+    if is_hub_id(args.model):
+        default_out = Path("eval") / args.model.replace("/", "--")
+    elif model_dir.suffix == ".gguf":  # a .gguf model is one file: its results go beside it
+        default_out = model_dir.with_name(f"{model_dir.stem}-eval")
+    else:
+        default_out = model_dir / "eval"
     paths = write_results(args.out or default_out, summary, results)
     print(markdown_table(summary))
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['samples']}")

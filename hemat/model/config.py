@@ -13,13 +13,24 @@ from typing import Any
 
 from hemat.errors import HematError
 
-MODEL_TYPES = ("deepseek_v3", "llama", "qwen2")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2", "qwen3")
+MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
+# DeepSeekMoE routing per architecture: V3 scores with a sigmoid and selects with the correction bias
+# (noaux_tc); V2 scores with a softmax and selects greedily, over all experts or the best groups.
+ROUTING = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_methods": ("noaux_tc",), "norm_topk_prob": True},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_methods": ("greedy", "group_limited_greedy"),
+                    "norm_topk_prob": False},
+}
+QWEN3_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json has no head_dim
 
 
 class ConfigError(HematError):
@@ -35,26 +46,26 @@ class ModelConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 16
     num_key_value_heads: int | None = None
-    head_dim: int | None = None  # llama/qwen2; defaults to hidden_size // num_attention_heads
+    head_dim: int | None = None  # llama/qwen2/qwen3; defaults to hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "yarn", "factor", "beta_fast", ...} or None
     hidden_act: str = "silu"
-    attention_bias: bool = False  # llama's optional q/k/v/o bias; qwen2 always has q/k/v bias
+    attention_bias: bool = False  # llama's and qwen3's optional q/k/v/o bias; qwen2 always has q/k/v bias
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
-    # DeepSeek-V3: multi-head latent attention
+    # DeepSeek-V3 and V2: multi-head latent attention
     q_lora_rank: int | None = 512
     kv_lora_rank: int = 256
     qk_nope_head_dim: int = 64
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
     rope_interleave: bool = True
-    # DeepSeek-V3: DeepSeekMoE
+    # DeepSeek-V3 and V2: DeepSeekMoE (routing fields left None take the architecture's ROUTING)
     n_routed_experts: int | None = 32
     n_shared_experts: int | None = 2
     num_experts_per_tok: int | None = 4
@@ -63,9 +74,9 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
-    norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool | None = None
+    scoring_func: str | None = None
+    topk_method: str | None = None
     # DeepSeek-V3: multi-token prediction modules stored after the main layers
     num_nextn_predict_layers: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields hemat does not use, kept on save
@@ -73,12 +84,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        routing = ROUTING.get(self.model_type)
+        if routing:
+            self.scoring_func = self.scoring_func or routing["scoring_func"]
+            self.topk_method = self.topk_method or routing["topk_methods"][0]
+            self.norm_topk_prob = routing["norm_topk_prob"] if self.norm_topk_prob is None else self.norm_topk_prob
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def is_mla(self) -> bool:
-        return self.model_type == "deepseek_v3"
+        return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises every query and key head before RoPE."""
+        return self.model_type == "qwen3"
 
     @property
     def qk_head_dim(self) -> int:
@@ -107,7 +128,7 @@ class ModelConfig:
         head = self.qk_head_dim if self.is_mla else self.dense_head_dim
         scale = head**-0.5
         yarn = self.yarn
-        if yarn and yarn.get("mscale_all_dim"):
+        if self.is_mla and yarn and yarn.get("mscale_all_dim"):  # DeepSeek's; transformers' llama/qwen have none
             mscale = yarn_mscale(yarn["factor"], yarn["mscale_all_dim"])
             scale *= mscale * mscale
         return scale
@@ -147,8 +168,7 @@ class ModelConfig:
             if self.qk_rope_head_dim % 2:
                 raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             if self.n_routed_experts:
-                if self.scoring_func != "sigmoid":
-                    raise ConfigError(f"scoring_func: only 'sigmoid' is supported, got {self.scoring_func!r}")
+                self._validate_routing()
                 if self.n_routed_experts % self.n_group:
                     raise ConfigError(
                         f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
@@ -156,13 +176,19 @@ class ModelConfig:
                 if not 1 <= self.topk_group <= self.n_group:
                     raise ConfigError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
                 per_group = self.n_routed_experts // self.n_group
-                if not 1 <= self.num_experts_per_tok <= self.topk_group * per_group:
+                kept = self.topk_group * per_group if self.topk_method != "greedy" else self.n_routed_experts
+                if not 1 <= self.num_experts_per_tok <= kept:
                     raise ConfigError(
                         f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and the experts in "
-                        f"the kept groups ({self.topk_group * per_group})"
+                        f"the kept groups ({kept})"
                     )
-                if self.n_group > 1 and per_group < 2:
-                    raise ConfigError("group-limited routing needs at least 2 experts per group")
+                if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+                    raise ConfigError("noaux_tc group-limited routing needs at least 2 experts per group")
+        if self.model_type == "deepseek_v2" and not self.rope_interleave:
+            raise ConfigError("rope_interleave: deepseek_v2 always rotates interleaved pairs")
+        if self.model_type == "deepseek_v2" and self.num_nextn_predict_layers:
+            raise ConfigError("num_nextn_predict_layers: multi-token prediction is a deepseek_v3 feature; use "
+                              "model_type deepseek_v3 for MTP")
         yarn = self.yarn
         if self.rope_scaling and not yarn:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -172,6 +198,20 @@ class ModelConfig:
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in yarn:
                     raise ConfigError(f"rope_scaling (yarn) is missing the field {key!r}")
+
+    def _validate_routing(self) -> None:
+        routing = ROUTING[self.model_type]
+        if self.scoring_func != routing["scoring_func"]:
+            raise ConfigError(f"scoring_func: {self.model_type} routes with {routing['scoring_func']!r}, "
+                              f"got {self.scoring_func!r}")
+        if self.topk_method not in routing["topk_methods"]:
+            raise ConfigError(f"topk_method: {self.model_type} supports {', '.join(routing['topk_methods'])}; "
+                              f"got {self.topk_method!r}")
+        if self.model_type == "deepseek_v2" and self.norm_topk_prob:
+            # DeepSeek's V2 code then normalises and skips routed_scaling_factor, transformers ignores it: no
+            # released V2 checkpoint sets it, and a checkpoint that did would compute differently elsewhere
+            raise ConfigError("norm_topk_prob: deepseek_v2 supports only false (DeepSeek's V2 code and "
+                              "transformers disagree on what true means); got true")
 
     # ---- Hugging Face config.json ----------------------------------------------------------
     @classmethod
@@ -198,18 +238,30 @@ class ModelConfig:
             kind = scaling.pop("rope_type", None) or scaling.get("type")
             scaling["type"] = kind
             data["rope_scaling"] = None if kind == "default" else scaling
-        if data["model_type"] == "qwen2" and data.get("use_sliding_window"):
+        model_type = data["model_type"]
+        if model_type in ("qwen2", "qwen3") and data.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
         if data.get("mlp_bias"):
             raise ConfigError(f"{source}: mlp_bias=true is not supported")
-        if data["model_type"] == "deepseek_v3" and data.get("attention_bias"):
-            raise ConfigError(f"{source}: attention_bias=true is not supported for deepseek_v3")
+        if model_type in MLA_MODEL_TYPES and data.get("attention_bias"):
+            raise ConfigError(f"{source}: attention_bias=true is not supported for {model_type}")
+        if model_type in MLA_MODEL_TYPES:
+            data.pop("head_dim", None)  # transformers stores qk_rope_head_dim there; MLA has its own sizes
+        if model_type == "qwen3":
+            data.setdefault("head_dim", QWEN3_DEFAULT_HEAD_DIM)
+        if model_type == "deepseek_v2":
+            if data.get("moe_layer_freq", 1) != 1:
+                raise ConfigError(f"{source}: moe_layer_freq={data['moe_layer_freq']} is not supported (only 1)")
+            data.setdefault("first_k_dense_replace", 0)  # transformers' DeepseekV2Config defaults
+            for name in ("n_group", "topk_group"):
+                if data.get(name) is None:
+                    data[name] = 1
         if "num_mtp_layers" in data and "num_nextn_predict_layers" not in data:
             data["num_nextn_predict_layers"] = data.pop("num_mtp_layers")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        if data["model_type"] != "deepseek_v3":
-            for k in _MLA_FIELDS:  # these names mean nothing to llama/qwen2; keep our defaults out
+        if model_type not in MLA_MODEL_TYPES:
+            for k in _MLA_FIELDS:  # these names mean nothing to llama/qwen; keep our defaults out
                 known.pop(k, None)
             known.update(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None)
         extra = {k: v for k, v in data.items() if k not in names and k not in _DERIVED_HF_FIELDS}
@@ -229,12 +281,12 @@ class ModelConfig:
         ]
         for name in common:
             out[name] = getattr(self, name)
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False
-        if not self.is_mla and self.head_dim:
-            out["head_dim"] = self.head_dim
-        if self.model_type == "qwen2":
+        if not self.is_mla and (self.head_dim or self.model_type == "qwen3"):  # qwen3 without it means 128
+            out["head_dim"] = self.dense_head_dim
+        if self.model_type in ("qwen2", "qwen3"):
             out.setdefault("use_sliding_window", False)
         if self.is_mla:
             for name in _MLA_FIELDS:

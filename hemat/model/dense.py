@@ -1,5 +1,5 @@
 """Building blocks shared by every architecture (RMSNorm, the SwiGLU MLP) and the grouped-query
-attention of Llama and Qwen2."""
+attention of Llama, Qwen2 and Qwen3."""
 
 from __future__ import annotations
 
@@ -133,8 +133,9 @@ def additive_mask(mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.T
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention with RoPE on every head (Llama, Qwen2). Qwen2 has q/k/v biases; Llama
-    has biases on all four projections when attention_bias is set."""
+    """Grouped-query attention with RoPE on every head (Llama, Qwen2, Qwen3). Qwen2 has q/k/v biases;
+    Llama and Qwen3 have biases on all four projections when attention_bias is set. Qwen3 RMS-normalises
+    each query and key head (q_norm, k_norm) before RoPE."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -148,11 +149,16 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), *rope, interleaved=False)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), *rope, interleaved=False)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         mask = None
         if cache is not None:

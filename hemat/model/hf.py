@@ -85,11 +85,15 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
 
 
 def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
-    """Load a checkpoint directory (hemat's, any Hugging Face one, DeepSeek's FP8 ones dequantised) or a
-    Hub id `org/name[@revision]`. dtype defaults to the one in config.json (float32 if none); the
-    router stays in float32 whatever the dtype. Tensors are read one at a time into the model built in
-    its final dtype, so loading needs little more memory than the result. A checkpoint without its MTP
-    layers loads as a model without MTP."""
+    """Load a checkpoint directory (hemat's, any Hugging Face one, DeepSeek's FP8 ones dequantised), a
+    .gguf file (through hemat.model.gguf_io) or a Hub id `org/name[@revision]`. dtype defaults to the
+    one in config.json (float32 if none); the router stays in float32 whatever the dtype. Tensors are
+    read one at a time into the model built in its final dtype, so loading needs little more memory than
+    the result. A checkpoint without its MTP layers loads as a model without MTP."""
+    if str(source).lower().endswith(".gguf"):
+        from hemat.model.gguf_io import load_gguf_model
+
+        return load_gguf_model(source, device, dtype)
     path = resolve_model_source(source)
     config = read_checkpoint_config(path)
     files = _weight_files(path, source if is_hub_id(source) else path)

@@ -24,8 +24,10 @@ class HubError(HematError):
 
 
 def is_hub_id(source: str | Path) -> bool:
-    """Whether `source` names a Hub model: an `org/name[@revision]` string that is not an existing path."""
-    return isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+    """Whether `source` names a Hub model: an `org/name[@revision]` string that is not an existing path
+    (nor a .gguf file name, which the GGUF loader names when it is missing)."""
+    return (isinstance(source, str) and not source.lower().endswith(".gguf") and not Path(source).exists()
+            and bool(_HUB_ID.match(source)))
 
 
 def resolve_model_source(source: str | Path) -> Path:

@@ -1,5 +1,7 @@
-"""DeepSeekMoE (DeepSeek-V3 §2.1.2): shared experts that every token uses, plus fine-grained routed
-experts chosen by a sigmoid router with auxiliary-loss-free load balancing and group-limited routing."""
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2, DeepSeek-V2 §2.2): shared experts that every token uses, plus
+fine-grained routed experts chosen by a router: V3's sigmoid scores with auxiliary-loss-free load
+balancing (a correction bias) and group-limited routing, or V2's softmax scores, greedy over all experts
+or over the best groups."""
 
 from __future__ import annotations
 
@@ -19,16 +21,23 @@ def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """s = sigmoid(x · Wᵀ) in fp32. The correction bias b (updated by the trainer, not by gradients)
-    only decides which experts are chosen; the gating weights are the unbiased scores."""
+    """s = sigmoid(x · Wᵀ) (scoring_func sigmoid, V3) or softmax(x · Wᵀ) (V2), in fp32. topk_method
+    noaux_tc (V3): a correction bias b (updated by the trainer, not by gradients) only decides which
+    experts are chosen, the gating weights are the unbiased scores, and a group scores the sum of its two
+    best biased scores. greedy (V2): the top k of all experts, no bias. group_limited_greedy (V2): a group
+    scores its best expert's score."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.softmax = config.scoring_func == "softmax"
+        self.topk_method = config.topk_method
+        self.grouped = self.topk_method != "greedy" and self.topk_group < self.n_group
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        bias = torch.zeros(self.n_experts, dtype=torch.float32) if self.topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → (weights [N, k], expert ids [N, k], scores [N, E])."""
@@ -37,16 +46,21 @@ class Router(nn.Module):
             x, weight = x.float(), weight.float()
         if torch.is_autocast_enabled(x.device.type):  # fp32 means fp32 under autocast too
             with torch.autocast(x.device.type, enabled=False):
-                scores = F.linear(x, weight).sigmoid()
+                logits = F.linear(x, weight)
         else:
-            scores = F.linear(x, weight).sigmoid()
-        biased = scores + self.e_score_correction_bias
-        if self.topk_group < self.n_group:
-            # a group's score is the sum of its two best biased scores; keep the topk_group best groups.
-            # Dropped groups are masked with -inf as DeepSeek's reference code does: masking with 0.0
-            # (older transformers) can still pick a dropped expert when the kept biased scores are negative.
+            logits = F.linear(x, weight)
+        scores = logits.softmax(dim=-1) if self.softmax else logits.sigmoid()
+        bias = self.e_score_correction_bias
+        biased = scores if bias is None else scores + bias
+        if self.grouped:
+            # keep the topk_group best groups. Dropped groups are masked with -inf as DeepSeek's reference
+            # code does: masking with 0.0 (older transformers) can still pick a dropped expert when the kept
+            # biased scores are negative.
             grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            if self.topk_method == "group_limited_greedy":
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             kept = group_scores.topk(self.topk_group, dim=-1).indices
             dropped = torch.full_like(group_scores, float("-inf")).scatter_(1, kept, 0.0)
             biased = (grouped + dropped[..., None]).flatten(1)
@@ -177,7 +191,7 @@ class MoE(nn.Module):
             else None
         )
         # Tokens routed to each expert, summed over training forwards until the trainer reads and resets it
-        # (aux-loss-free balancing updates the correction bias from this load after each step).
+        # (aux-loss-free balancing updates the correction bias, where the router has one, from this load).
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_alpha = 0.0  # sequence-wise balance loss weight α, set by the trainer
         self.balance_loss: torch.Tensor | None = None
@@ -200,7 +214,9 @@ class MoE(nn.Module):
 
     def sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 eq. 17-20: α Σ_i f_i P_i per sequence, averaged over the batch, where f_i is
-        expert i's share of the sequence's selections (scaled by E/K) and P_i its mean normalised score."""
+        expert i's share of the sequence's selections (scaled by E/K) and P_i its mean normalised score.
+        With softmax scores (already normalised) it is DeepSeek-V2's expert-level balance loss (eq. 12-14)
+        computed per sequence, as V2's `seq_aux` does."""
         n_experts, top_k, t = scores.shape[-1], ids.shape[-1], ids.shape[1]
         selected = torch.zeros_like(scores).scatter_(-1, ids, 1.0).sum(dim=1)
         f = selected * n_experts / (top_k * t)

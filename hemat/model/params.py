@@ -65,8 +65,10 @@ def _attention(c: ModelConfig) -> int:
     n = h * heads * d + 2 * h * kv_heads * d + heads * d * h
     if c.model_type == "qwen2" or c.attention_bias:  # q/k/v biases
         n += heads * d + 2 * kv_heads * d
-    if c.model_type == "llama" and c.attention_bias:  # llama's attention_bias also covers o_proj
+    if c.model_type in ("llama", "qwen3") and c.attention_bias:  # their attention_bias also covers o_proj
         n += h
+    if c.qk_norm:  # qwen3's per-head q_norm and k_norm
+        n += 2 * d
     return n
 
 
@@ -77,7 +79,7 @@ def _layer(c: ModelConfig, layer_idx: int) -> dict[str, int]:
     out["norms"] = 2 * h  # input_layernorm, post_attention_layernorm
     if c.is_moe_layer(layer_idx):
         expert = 3 * h * c.moe_intermediate_size  # SwiGLU gate, up, down
-        out["router"] = c.n_routed_experts * h  # e_score_correction_bias is a buffer, not a parameter
+        out["router"] = c.n_routed_experts * h  # V3's e_score_correction_bias is a buffer, not a parameter
         out["routed_experts"] = c.n_routed_experts * expert
         out["shared_experts"] = (c.n_shared_experts or 0) * expert
     else:
@@ -104,7 +106,7 @@ def count_parameters(config: ModelConfig) -> ParamCounts:
         for name, n in _layer(c, i).items():
             parts[name] += n
     mtp = mtp_routed = 0
-    for i in range(c.num_nextn_predict_layers if c.is_mla else 0):  # llama/qwen2 have no MTP
+    for i in range(c.num_nextn_predict_layers if c.is_mla else 0):  # llama/qwen have no MTP
         layer = _layer(c, c.num_hidden_layers + i)
         mtp += sum(layer.values()) + 3 * h + 2 * h * h  # enorm, hnorm, shared_head.norm; eh_proj [H, 2H]
         mtp_routed += layer["routed_experts"]

@@ -17,7 +17,10 @@ def yarn_inv_freq(dim: int, theta: float, yarn: dict) -> tuple[torch.Tensor, flo
     """Inverse frequencies after YaRN: high-frequency dimensions (many rotations within the original
     context) keep their frequency, low-frequency ones are interpolated by 1/factor, with a linear ramp
     between the dimensions that make beta_fast and beta_slow rotations. Returns the frequencies and
-    the factor that scales cos/sin (mscale / mscale_all_dim, 1.0 for DeepSeek-V3)."""
+    the factor that scales cos/sin: `attention_factor` when given (transformers' field), else YaRN's
+    0.1·ln(factor) + 1 (with mscale / mscale_all_dim: their ratio, 1.0 for DeepSeek-V3), times `attn_factor`
+    (vLLM's and SGLang's multiplier, which DeepSeek-R1-0528-Qwen3-8B sets; transformers ignores it).
+    `truncate` false (transformers) keeps the ramp's ends fractional."""
     factor = yarn["factor"]
     original = yarn["original_max_position_embeddings"]
     beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
@@ -25,19 +28,23 @@ def yarn_inv_freq(dim: int, theta: float, yarn: dict) -> tuple[torch.Tensor, flo
     def dim_for_rotations(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
-    high = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
+    low, high = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = extrapolation / factor * ramp + extrapolation * (1 - ramp)
     mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
+    if yarn.get("attention_factor") is not None:
+        attention_factor = yarn["attention_factor"]
+    elif mscale and mscale_all_dim:
         attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     else:
         attention_factor = yarn_mscale(factor)
-    return inv_freq, attention_factor
+    return inv_freq, attention_factor * yarn.get("attn_factor", 1.0)
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,4 +1,4 @@
-"""The decoder stack shared by DeepSeek-V3, Llama and Qwen2, and the causal LM around it.
+"""The decoder stack shared by DeepSeek-V3, DeepSeek-V2, Llama, Qwen2 and Qwen3, and the causal LM around it.
 
 Module and parameter names follow Hugging Face checkpoints (`model.layers.N.self_attn.q_a_proj`, ...),
 so hf.py maps a state dict to and from disk with little more than the routed experts' stacking.
@@ -150,7 +150,8 @@ class CausalLM(nn.Module):
                 nn.init.normal_(module.gate.weight, std=std)
                 nn.init.normal_(module.experts.gate_up_proj, std=std)
                 nn.init.normal_(module.experts.down_proj, std=std)
-                module.gate.e_score_correction_bias.zero_()
+                if module.gate.e_score_correction_bias is not None:
+                    module.gate.e_score_correction_bias.zero_()
         self.reset_buffers()
 
     @torch.no_grad()

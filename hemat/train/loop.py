@@ -374,13 +374,15 @@ class Trainer:
     @torch.no_grad()
     def _update_router_biases(self, loads: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing: each router's correction bias moves by γ towards balance,
-        down for experts that got more than the mean load this step and up for those that got less."""
+        down for experts that got more than the mean load this step and up for those that got less.
+        Routers without a bias (DeepSeek-V2's) are balanced by the sequence-wise balance loss alone."""
         gamma = self.config.bias_update_speed
         if gamma == 0:
             return
         mean = loads.mean(dim=-1, keepdim=True)
         for moe, step in zip(self.moe_names.values(), torch.sign(mean - loads)):
-            moe.gate.e_score_correction_bias.add_(step, alpha=gamma)
+            if moe.gate.e_score_correction_bias is not None:
+                moe.gate.e_score_correction_bias.add_(step, alpha=gamma)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
