@@ -1,6 +1,6 @@
 """Rotary position embeddings, with YaRN context extension (DeepSeek-V3 §4.3, DeepSeek-V2 App. B).
 
-DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; Llama and Qwen2 rotate the
+DeepSeek (V2, V3) checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; Llama and Qwen rotate the
 two halves (x_i, x_{i+d/2}). Both are the same rotation on a different layout of the dimensions."""
 
 from __future__ import annotations
