@@ -127,10 +127,8 @@ class Tokenizer:
         try:
             text = _compile_template(self.chat_template).render(
                 messages=[_normalize_message(m) for m in messages],
-                tools=None,
-                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
+                **{"tools": None, "documents": None, **self.special_tokens, **kwargs},
             )
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None

@@ -165,7 +165,7 @@ def _add_routes(app: FastAPI) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(settings, body.model)
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.token_limit(), logprobs=body.logprobs,
-                                  top_logprobs=body.top_logprobs or 0)
+                                  top_logprobs=body.top_logprobs or 0, guide=body.guide())
         submission = {"messages": body.template_messages(), "params": params}
         gen = await _start(state, [submission], body.n)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
@@ -179,8 +179,10 @@ def _add_routes(app: FastAPI) -> None:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(settings, body.model)
         top = body.logprobs or 0
+        prompt_logprobs = top if body.echo and body.logprobs is not None else None
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.max_tokens,
-                                  logprobs=body.logprobs is not None, top_logprobs=top)
+                                  logprobs=body.logprobs is not None, top_logprobs=top,
+                                  prompt_logprobs=prompt_logprobs, guide=body.guide())
         submissions = [
             {"prompt": p, "params": params} if isinstance(p, str) else {"prompt_ids": p, "params": params}
             for p in body.prompts()
@@ -240,6 +242,8 @@ async def _start(state, submissions: list[dict], n: int) -> Generation:
 
 
 def _param_of(message: str) -> str | None:
+    if message.startswith(("response_format", "guided_", "tools", "tool_choice")):
+        return message.split(":")[0].split(".")[0]
     if message.startswith(("max_tokens", "the request (")):
         return "max_tokens"
     if message.startswith(("the prompt", "prompt_ids")):
@@ -376,9 +380,17 @@ async def _complete_text(state, gen: Generation, body: CompletionRequest, rid: s
     results = await gen.results()
     choices = []
     for i, r in enumerate(results):
+        prompt = body.prompts()[i]
+        echo = (prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt)) if body.echo else ""
         for o in r.outputs:
-            logprobs = completion_logprobs(o.logprobs, 0) if body.logprobs is not None else None
-            choices.append({"index": i * body.n + o.index, "text": o.text, "logprobs": logprobs,
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(o.logprobs, len(echo))
+                if body.echo:
+                    first = state.tokenizer.decode(r.prompt_token_ids[:1])
+                    echoed = completion_logprobs(r.prompt_logprobs[1:], 0, first_token=first)
+                    logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
+            choices.append({"index": i * body.n + o.index, "text": echo + o.text, "logprobs": logprobs,
                             "finish_reason": o.finish_reason})
     _log_done(state, rid, results, [c["text"] for c in choices])
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model,

@@ -1,0 +1,157 @@
+"""Constrained decoding with xgrammar: a request's output held to a JSON schema, any JSON object, a
+regular expression, a fixed set of strings or an EBNF grammar, whatever the model's weights are.
+
+A `Guide` says what the output must match. The engine compiles it once at submit time through
+`Grammars` (xgrammar's compiler, which caches compiled grammars by their source), gives every sample of
+the request its own `GrammarMatcher`, and before each sampling step masks, row by row, the tokens that
+the row's grammar state forbids (one packed int32 bitmask for the batch, applied in place to the logits
+by xgrammar's kernel). Each accepted token advances the row's state; a grammar that is complete ends the
+sequence. Constrained sequences are decoded one token at a time (no MTP drafts)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hemat.errors import HematError
+
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+# JSON-schema keywords xgrammar does not enforce: refused rather than silently ignored
+UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+                        "contains", "minContains", "maxContains", "uniqueItems", "unevaluatedItems",
+                        "unevaluatedProperties", "$dynamicRef", "multipleOf")
+
+
+class ConstraintError(HematError):
+    """A constraint hemat cannot enforce (bad schema, unsupported keyword, bad regex); the message names it."""
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What a request's output must match. kind: one of KINDS; spec: the schema (a dict) for
+    json_schema, the pattern for regex, the list of strings for choice, EBNF text for grammar, None for
+    json_object. `where` names the request field it came from, for error messages."""
+
+    kind: str
+    spec: object = None
+    where: str = "response_format"
+
+    def source(self) -> str:
+        """The guide as xgrammar compiles it (EBNF for choice, JSON text for schemas)."""
+        if self.kind == "json_schema":
+            return json.dumps(self.spec)
+        if self.kind == "choice":
+            return "root ::= " + " | ".join(json.dumps(choice) for choice in self.spec)
+        return "" if self.spec is None else str(self.spec)
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ConstraintError(f"{self.where}: unknown constraint kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if self.kind == "json_schema":
+            check_schema(self.spec, self.where)
+        elif self.kind == "choice":
+            if not isinstance(self.spec, list) or not self.spec or not all(isinstance(c, str) and c for c in self.spec):
+                raise ConstraintError(f"{self.where}: must be a non-empty list of non-empty strings, got {self.spec!r}")
+        elif self.kind in ("regex", "grammar") and (not isinstance(self.spec, str) or not self.spec):
+            raise ConstraintError(f"{self.where}: must be a non-empty string, got {self.spec!r}")
+
+
+def check_schema(schema, where: str) -> None:
+    """A JSON schema hemat can enforce: a dict (or true), with no keyword xgrammar would ignore."""
+    if schema is True:
+        return
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"{where}: a JSON schema must be an object, got {type(schema).__name__}")
+    stack = [(schema, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in UNSUPPORTED_KEYWORDS and path.rsplit(".", 1)[-1] not in ("properties", "$defs", "definitions"):
+                    raise ConstraintError(f"{path}: the JSON-schema keyword {key!r} is not supported by "
+                                          "constrained decoding")
+                stack.append((value, f"{path}.{key}"))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+
+
+# xgrammar 0.2.9 writes length-bounded strings (minLength/maxLength) with this class, which lets raw control
+# characters through (invalid JSON); every other string rule excludes them
+_LOOSE_STRING_CHAR, _JSON_STRING_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'
+
+
+def json_schema_ebnf(xgrammar, schema: str) -> str:
+    """The schema's grammar as EBNF, compact (no optional whitespace) and valid JSON in every string."""
+    text = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+    return text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+class Grammars:
+    """xgrammar's compiler for one tokenizer and vocabulary, with counters for the engine's stats."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar
+
+        self.xgr = xgrammar
+        # what TokenizerInfo.from_huggingface does, from the tokenizers backend (no transformers needed)
+        encoded = [""] * vocab_size
+        for token, index in tokenizer.backend.get_vocab(with_added_tokens=True).items():
+            if index < vocab_size:
+                encoded[index] = token
+        meta = xgrammar.TokenizerInfo._detect_metadata_from_hf(tokenizer.backend.to_str())
+        info = xgrammar.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size,
+                                      stop_token_ids=list(stop_token_ids), add_prefix_space=meta["add_prefix_space"])
+        self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()  # compiles come from server threads
+        self.active = 0  # grammar states alive (one per constrained sequence)
+        self.mask_seconds = 0.0
+        self.masked_tokens = 0
+
+    def compile(self, guide: Guide):
+        """The compiled grammar (cached by xgrammar); ConstraintError naming the field when it cannot compile."""
+        guide.validate()
+        try:
+            with self._lock:
+                if guide.kind == "json_object":
+                    return self.compiler.compile_builtin_json_grammar()
+                if guide.kind == "json_schema":
+                    return self.compiler.compile_grammar(json_schema_ebnf(self.xgr, guide.source()))
+                if guide.kind == "regex":
+                    return self.compiler.compile_regex(guide.spec)
+                return self.compiler.compile_grammar(guide.source())
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
+            raise ConstraintError(f"{guide.where}: cannot compile the {guide.kind.replace('_', ' ')}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+
+    def matcher(self, compiled):
+        """A fresh grammar state for one sequence."""
+        with self._lock:
+            self.active += 1
+        return self.xgr.GrammarMatcher(compiled)
+
+    def release(self, matcher) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
+        """float32 logits with each row's forbidden tokens at -inf; rows whose matcher is None are untouched."""
+        start = time.perf_counter()
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        bitmask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        logits = logits.float()
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                             indices=rows)
+        self.mask_seconds += time.perf_counter() - start
+        self.masked_tokens += len(rows)
+        return logits
+
+    def stats(self) -> dict:
+        return {"grammar_states": self.active, "grammar_masked_tokens": self.masked_tokens,
+                "grammar_mask_seconds": self.mask_seconds}

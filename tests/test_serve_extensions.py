@@ -1,0 +1,124 @@
+"""The server's agent and evaluator features against a live server with the official `openai` client:
+prompt logprobs (echo) for lm-evaluation-harness, structured output and function calling."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+import torch
+
+from hemat.serve.app import ServeSettings
+from tests.test_serve import MODEL_NAME, LiveServer, build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ext") / "random")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with LiveServer(checkpoint, ServeSettings(served_model_name=MODEL_NAME)) as live:
+        yield live
+
+
+def reference_logprobs(live: LiveServer, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's own full forward: row i scores token i + 1."""
+    with torch.inference_mode():
+        return torch.log_softmax(live.engine.model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+# ---- echo + prompt logprobs ---------------------------------------------------------------------------------
+def test_echo_with_max_tokens_0_scores_token_id_prompts(server):
+    prompts = [server.tokenizer.encode("The quick brown fox jumps"), server.tokenizer.encode("Hello there, how")]
+    r = server.client().completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=0, echo=True, logprobs=2)
+    assert len(r.choices) == 2
+    for choice, ids in zip(sorted(r.choices, key=lambda c: c.index), prompts):
+        lp = choice.logprobs
+        assert choice.text == server.tokenizer.decode(ids) and choice.finish_reason == "length"
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        ref = reference_logprobs(server, ids)
+        expected = [ref[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+        for i, top in enumerate(lp.top_logprobs[1:]):
+            assert 1 <= len(top) <= 2  # two ids may print as the same string
+            assert max(top.values()) == pytest.approx(ref[i].max().item(), abs=1e-3)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert r.usage.completion_tokens == 0
+
+
+def test_echo_with_one_generated_token_as_lm_eval_asks(server):
+    """lm-eval's local-completions: max_tokens 1, logprobs 1, echo, temperature 0; it reads [ctxlen:-1]."""
+    ids = server.tokenizer.encode("I am fine, thank you")
+    for _ in range(2):  # the second run's prompt is in the prefix cache: scoring must not use it
+        r = server.client().completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                               temperature=0, seed=1234)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1
+        ref = reference_logprobs(server, ids)
+        assert lp.token_logprobs[1:-1] == pytest.approx([ref[i, ids[i + 1]].item() for i in range(len(ids) - 1)],
+                                                        abs=1e-3)
+        assert lp.token_logprobs[-1] == pytest.approx(ref[-1].max().item(), abs=1e-3)  # greedy: the argmax
+
+
+def test_echo_with_stream_is_400(server):
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        server.client().completions.create(model=MODEL_NAME, prompt="Hi", echo=True, stream=True)
+
+
+# ---- structured output ------------------------------------------------------------------------------------
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
+                         "maximum": 150}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+
+
+def test_json_schema_output_validates_with_random_weights(server):
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Who?"}], n=2,
+                                       max_tokens=80, seed=3, temperature=1.0, response_format=fmt)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Who?"}],
+                                            max_tokens=80, seed=3, temperature=1.0, response_format=fmt, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == r.choices[0].message.content  # n=2's first choice has seed 3, as the single stream
+    assert server.metrics()["hemat_engine_grammar_states"] == 0
+
+
+def test_json_object_regex_and_choice(server):
+    client = server.client()
+    user = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=user, max_tokens=120, seed=1,
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        json.loads(r.choices[0].message.content)
+    r = client.completions.create(model=MODEL_NAME, prompt="Date:", max_tokens=20, seed=2,
+                                  extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"})
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", r.choices[0].text)
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=user, max_tokens=10, seed=seed,
+                                           extra_body={"guided_choice": ["yes", "no", "maybe so"]})
+        assert r.choices[0].message.content in ("yes", "no", "maybe so")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+])
+def test_bad_constraints_are_400_naming_the_field(server, extra, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=5, extra_body=extra)
+    assert info.value.body["param"] == param, info.value.body
+    assert server.metrics()["hemat_engine_grammar_states"] == 0
