@@ -17,7 +17,11 @@ from tests.test_serve import MODEL_NAME, LiveServer, build_checkpoint
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ext") / "random")
+    """test_serve's random tiny checkpoint, with room in its context for tool definitions."""
+    out = build_checkpoint(tmp_path_factory.mktemp("ext") / "random")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,95 @@ def test_bad_constraints_are_400_naming_the_field(server, extra, param):
                                                 max_tokens=5, extra_body=extra)
     assert info.value.body["param"] == param, info.value.body
     assert server.metrics()["hemat_engine_grammar_states"] == 0
+
+
+# ---- function calling -------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                   "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 7}}}}}
+CLOCK = {"type": "function", "function": {"name": "now", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 5}}, "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def assert_valid_call(call, tools):
+    (tool,) = [t for t in tools if t["function"]["name"] == call.function.name]
+    assert call.type == "function" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "now"}}])
+def test_forced_tool_calls_validate_streamed_and_not(server, choice):
+    client, tools = server.client(), [WEATHER, CLOCK]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=tools, tool_choice=choice,
+                                       max_tokens=80, seed=5)
+    (c,) = r.choices
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert_valid_call(call, tools)
+    if isinstance(choice, dict):
+        assert call.function.name == "now"
+    with client.chat.completions.stream(model=MODEL_NAME, messages=ASK, tools=tools, tool_choice=choice,
+                                        max_tokens=80, seed=5) as stream:
+        final = stream.get_final_completion()  # the openai client assembles delta.tool_calls
+    (streamed,) = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    assert server.metrics()["hemat_engine_grammar_states"] == 0
+
+
+def test_tool_history_renders_through_the_template_and_auto_text_is_content(server):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+    r = server.client().chat.completions.create(model=MODEL_NAME, messages=history, tools=[WEATHER], max_tokens=8,
+                                                seed=1, temperature=0)
+    rendered = server.tokenizer.apply_chat_template(
+        ASK + [{"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris", "days": 1}}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}], tools=[WEATHER])
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}</tool_call>' in rendered
+    assert r.usage.prompt_tokens == len(server.tokenizer.encode(rendered))
+    (c,) = r.choices  # a random model's text is not a call: it comes back as content
+    assert c.message.tool_calls is None and isinstance(c.message.content, str) and c.finish_reason == "length"
+
+
+@pytest.mark.parametrize("tools, choice, param", [
+    ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}], "auto",
+     "tools[0].function.parameters"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}], "required",
+     "tools[0].function.parameters"),
+    ([WEATHER, WEATHER], "auto", "tools[1].function.name"),
+])
+def test_bad_tools_are_400(server, tools, choice, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=MODEL_NAME, messages=ASK, tools=tools, tool_choice=choice,
+                                                max_tokens=5)
+    assert info.value.body["param"] == param, info.value.body
+
+
+@pytest.mark.parametrize("family, text, calls, content", [
+    ("hermes", 'Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', [("f", {"a": 1})], "Sure."),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": '
+               '"{\\"b\\": 2}"}</tool_call>', [("f", {}), ("g", {"b": 2})], ""),
+    ("hermes", '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', [], None),
+    ("hermes", "<tool_call>not json</tool_call>", [], None),
+    ("llama3", '<|python_tag|>{"name": "f", "parameters": {"a": "x"}}', [("f", {"a": "x"})], ""),
+    ("llama3", '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"b": 1}}', [("f", {}), ("g", {"b": 1})],
+     ""),
+    ("llama3", "{not a call} and prose", [], None),
+    ("deepseek", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": 1}\n```"
+                 "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", [("f", {"a": 1})], ""),
+    ("deepseek", "<｜tool▁calls▁begin｜>garbage", [], None),
+])
+def test_call_parsing_per_template_family(family, text, calls, content):
+    from hemat.serve.tools import ToolSyntax
+
+    got_content, got = ToolSyntax(family).parse(text, {"f", "g"})
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert got_content == (text if content is None else content)

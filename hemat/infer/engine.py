@@ -244,9 +244,10 @@ class Engine:
     # ---- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                messages: list[dict] | None = None, params: SamplingParams | None = None, on_event=None,
-               split_reasoning: bool | None = None, request_id: str | None = None) -> Request:
+               split_reasoning: bool | None = None, request_id: str | None = None,
+               tools: list[dict] | None = None) -> Request:
         """Queue one request (thread-safe). split_reasoning None: split `<think>…</think>` for chat
-        messages whose template uses it."""
+        messages whose template uses it. tools: function definitions for the chat template."""
         if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
             raise EngineRequestError("give exactly one of prompt, prompt_ids or messages")
         params = SamplingParams() if params is None else params
@@ -257,7 +258,7 @@ class Engine:
             raise EngineRequestError("this engine has no tokenizer: give prompt_ids and no stop strings")
         starts_in_reasoning = False
         if messages is not None:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None)
             prompt_ids = self.tokenizer.encode(text)
             starts_in_reasoning = text.rstrip().endswith(THINK_START)
             if split_reasoning is None:

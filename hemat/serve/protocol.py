@@ -165,6 +165,8 @@ class ChatMessage(_Strict):
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls: only assistant messages make tool calls, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message needs the id of the call it answers")
         return self
 
     def text(self) -> str:
