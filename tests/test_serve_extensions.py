@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import jsonschema
 import openai
 import pytest
 import torch
 
 from hemat.serve.app import ServeSettings
-from tests.test_serve import MODEL_NAME, LiveServer, build_checkpoint
+from tests.test_serve import MODEL_NAME, LiveServer, build_checkpoint, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,54 @@ def test_call_parsing_per_template_family(family, text, calls, content):
     got_content, got = ToolSyntax(family).parse(text, {"f", "g"})
     assert [(c.name, json.loads(c.arguments)) for c in got] == calls
     assert got_content == (text if content is None else content)
+
+
+# ---- lm-evaluation-harness ----------------------------------------------------------------------------------
+def test_lm_eval_local_completions_matches_hemat_choice_task(server, checkpoint, tmp_path):
+    """lm-eval's local-completions model (token-id prompts in batches, echo + logprobs) against the live
+    server scores a multiple-choice file as hemat's own choice: task does on the same checkpoint."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import hemat
+    from hemat.eval.choice import evaluate_choice, load_choice_file
+
+    questions = [("2+2?", ["3", "4"], 1), ("Sky color?", ["blue", "green"], 0),
+                 ("A cat sat on the?", ["mat", "sun", "moon"], 0), ("Dogs run in the?", ["park", "code"], 1),
+                 ("Hello there! How are you?", ["fine, thank you", "the river bank"], 0)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in questions))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "hemat_served_mc.yaml").write_text(
+        "task: hemat_served_mc\ndataset_path: json\ndataset_kwargs:\n"
+        f"  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'cache'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: answer\ndoc_to_choice: choices\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    model_args = {"base_url": f"{server.url}/v1/completions", "model": MODEL_NAME, "tokenizer": str(checkpoint),
+                  "tokenizer_backend": "huggingface", "add_bos_token": True, "num_concurrent": 1, "max_retries": 1}
+    results = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=["hemat_served_mc"],
+                                      task_manager=manager, batch_size=4)
+    expected, records = evaluate_choice(hemat.from_pretrained(checkpoint), hemat.load_tokenizer(checkpoint),
+                                        load_choice_file(data), 512)
+    assert results["results"]["hemat_served_mc"]["acc,none"] == pytest.approx(expected["acc"])
+    samples = sorted(results["samples"]["hemat_served_mc"], key=lambda s: s["doc_id"])
+    assert [[float(r[0][0]) for r in s["resps"]] for s in samples] == [pytest.approx(r["logprobs"], abs=1e-3)
+                                                                        for r in records]
+
+
+def test_disconnect_mid_call_frees_pages_and_grammar_states(server):
+    body = {"model": MODEL_NAME, "messages": ASK, "tools": [WEATHER], "tool_choice": "required", "stream": True,
+            "max_tokens": 200}
+    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    long = {"model": MODEL_NAME, "messages": ASK, "stream": True, "max_tokens": 600,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    for request in (body, long):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=request, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first chunk: then go away mid-call
+        wait_for(lambda: server.metrics()["hemat_engine_grammar_states"] == 0, what="grammar states freed")
+        wait_for(lambda: (m := server.metrics())["hemat_engine_pages_free"] == m["hemat_engine_pages_total"],
+                 what="pages freed")

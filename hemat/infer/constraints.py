@@ -155,3 +155,8 @@ class Grammars:
     def stats(self) -> dict:
         return {"grammar_states": self.active, "grammar_masked_tokens": self.masked_tokens,
                 "grammar_mask_seconds": self.mask_seconds}
+
+    @staticmethod
+    def idle_stats() -> dict:
+        """stats() before any constrained request (no compiler built yet)."""
+        return {"grammar_states": 0, "grammar_masked_tokens": 0, "grammar_mask_seconds": 0.0}

@@ -667,8 +667,7 @@ class Engine:
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
                    speculative_depth=self.spec_depth,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
-        if self._grammars is not None:
-            out.update(self._grammars.stats())
+        out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
             out.update(spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
                        spec_acceptance_rate=self.drafter.acceptance_rate)
