@@ -7,6 +7,10 @@ advances the admitted prompts by one padded prefill forward of at most max_prefi
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
 the model carries MTP layers. Sequences leave the batch the step they finish; new ones join. On CUDA
 the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
+A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
+row of the logits before sampling and advances with each accepted token (constraints.py); constrained
+sequences decode without MTP drafts. With prompt_logprobs the prefill also scores every prompt token
+(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt.
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
 gives the same tokens alone or in any batch. `step()` runs either on a background thread (`start()`)
