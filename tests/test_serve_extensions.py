@@ -270,3 +270,16 @@ def test_disconnect_mid_call_frees_pages_and_grammar_states(server):
         wait_for(lambda: server.metrics()["hemat_engine_grammar_states"] == 0, what="grammar states freed")
         wait_for(lambda: (m := server.metrics())["hemat_engine_pages_free"] == m["hemat_engine_pages_total"],
                  what="pages freed")
+
+
+def test_tool_stream_releases_content_and_holds_back_calls():
+    from hemat.serve.tools import ToolStream, ToolSyntax
+
+    stream = ToolStream(ToolSyntax("hermes"), {"f"})
+    pieces = ["Let me ", "check.<tool", '_call>{"name": "f", ', '"arguments": {"a": 1}}</tool_call>']
+    released = [stream.feed(p) for p in pieces]
+    assert released == ["Let me ", "check.", "", ""]  # "<tool" could start a call: held back
+    rest, calls = stream.finish()
+    assert rest == "" and [(c.name, c.arguments) for c in calls] == [("f", '{"a": 1}')]
+    plain = ToolStream(ToolSyntax("hermes"), {"f"})
+    assert plain.feed("a <tool") == "a " and plain.finish() == ("<tool", [])

@@ -71,7 +71,8 @@ def check_schema(schema, where: str) -> None:
         node, path = stack.pop()
         if isinstance(node, dict):
             for key, value in node.items():
-                if key in UNSUPPORTED_KEYWORDS and path.rsplit(".", 1)[-1] not in ("properties", "$defs", "definitions"):
+                is_name = path.rsplit(".", 1)[-1] in ("properties", "$defs", "definitions")  # a property, not a keyword
+                if key in UNSUPPORTED_KEYWORDS and not is_name:
                     raise ConstraintError(f"{path}: the JSON-schema keyword {key!r} is not supported by "
                                           "constrained decoding")
                 stack.append((value, f"{path}.{key}"))
@@ -125,8 +126,8 @@ class Grammars:
                     return self.compiler.compile_regex(guide.spec)
                 return self.compiler.compile_grammar(guide.source())
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            raise ConstraintError(f"{guide.where}: cannot compile the {guide.kind.replace('_', ' ')}: "
-                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ConstraintError(f"{guide.where}: cannot compile the {guide.kind.replace('_', ' ')}: {reason}") from None
 
     def matcher(self, compiled):
         """A fresh grammar state for one sequence."""

@@ -185,7 +185,7 @@ def _add_routes(app: FastAPI) -> None:
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if settings.log_prompts:
             log.info("%s messages: %s", rid, json.dumps(submission["messages"], ensure_ascii=False))
-        calls = _ToolCalls(syntax, {t["function"]["name"] for t in tools}) if tools else None
+        calls = _ToolCalls(syntax, {t["function"]["name"] for t in tools}, body.parallel_tool_calls) if tools else None
         if body.stream:
             return EventStreamResponse(_stream_chat(state, gen, body, rid, calls), on_close=gen.close)
         return await _until_done_or_gone(request, gen, _complete_chat(state, gen, body, rid, calls))
@@ -330,6 +330,10 @@ def _failure(gen: Generation, finish_reason: str) -> APIError:
 class _ToolCalls:
     syntax: ToolSyntax
     names: set[str]
+    parallel: bool  # parallel_tool_calls false: only the first call is returned
+
+    def keep(self, calls: list) -> list:
+        return calls if self.parallel else calls[:1]
 
 
 async def _complete_chat(state, gen: Generation, body: ChatCompletionRequest, rid: str, tools: _ToolCalls | None):
@@ -344,7 +348,7 @@ async def _complete_chat(state, gen: Generation, body: ChatCompletionRequest, ri
         finish = o.finish_reason
         content, calls = tools.syntax.parse(o.text, tools.names) if tools else (o.text, [])
         if calls:
-            message.update(content=content or None, tool_calls=[c.openai() for c in calls])
+            message.update(content=content or None, tool_calls=[c.openai() for c in tools.keep(calls)])
             finish = "tool_calls"
         logprobs = {"content": chat_logprobs(o.logprobs)} if body.logprobs else None
         choices.append({"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -388,7 +392,7 @@ async def _stream_chat(state, gen: Generation, body: ChatCompletionRequest, rid:
             if text:
                 delta["content"] = text
             if calls:
-                delta["tool_calls"] = [c.openai(i) for i, c in enumerate(calls)]
+                delta["tool_calls"] = [c.openai(i) for i, c in enumerate(tools.keep(calls))]
                 finish = "tool_calls"
             logprobs = {"content": chat_logprobs(event.logprobs)} if event.logprobs else None
             if delta or logprobs or finish:
