@@ -283,3 +283,26 @@ def test_tool_stream_releases_content_and_holds_back_calls():
     assert rest == "" and [(c.name, c.arguments) for c in calls] == [("f", '{"a": 1}')]
     plain = ToolStream(ToolSyntax("hermes"), {"f"})
     assert plain.feed("a <tool") == "a " and plain.finish() == ("<tool", [])
+
+
+def test_constrained_greedy_output_is_the_same_with_and_without_mtp_drafts(checkpoint):
+    """Drafts are masked and verified against masked targets: greedy tokens cannot change."""
+    import hemat
+    from hemat.infer.constraints import Guide
+    from hemat.infer.engine import Engine
+    from hemat.infer.sampling import SamplingParams
+
+    model, tokenizer = hemat.from_pretrained(checkpoint), hemat.load_tokenizer(checkpoint)
+    params = [SamplingParams(temperature=0, max_tokens=120, guide=Guide("json_schema", PERSON)),
+              SamplingParams(temperature=0, max_tokens=12, guide=Guide("regex", "[a-z ]+ (yes|no)")),
+              SamplingParams(temperature=0, max_tokens=12)]
+    prompts = ["Who are you?", "The quick brown fox", "Hello there"]
+    outputs = {}
+    for speculative in ("auto", "off"):
+        engine = Engine(model, tokenizer, speculative=speculative)
+        outputs[speculative] = [r.outputs[0].token_ids for r in engine.generate(prompts, params)]
+        stats = engine.stats()
+        assert stats["grammar_states"] == 0
+        assert speculative == "off" or stats["spec_drafted"] > 0
+    assert engine.spec_depth == 0 and outputs["auto"] == outputs["off"]
+    jsonschema.validate(json.loads(tokenizer.decode(outputs["auto"][0], skip_special_tokens=True)), PERSON)

@@ -6,7 +6,10 @@ A `Guide` says what the output must match. The engine compiles it once at submit
 the request its own `GrammarMatcher`, and before each sampling step masks, row by row, the tokens that
 the row's grammar state forbids (one packed int32 bitmask for the batch, applied in place to the logits
 by xgrammar's kernel). Each accepted token advances the row's state; a grammar that is complete ends the
-sequence. Constrained sequences are decoded one token at a time (no MTP drafts)."""
+sequence. MTP drafts of a constrained sequence are drawn under the mask and verified against masked
+target rows, each row masked with the state after the drafts before it (speculative.py), and the state
+is rolled back to the committed tokens before they are accepted. This stays exact: the masked
+distribution is what a constrained request samples from, and verification is lossless for any target."""
 
 from __future__ import annotations
 
@@ -140,9 +143,10 @@ class Grammars:
             self.active -= 1
 
     def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """float32 logits with each row's forbidden tokens at -inf; rows whose matcher is None are untouched."""
+        """float32 logits with each row's forbidden tokens at -inf; rows whose matcher is None or has
+        terminated (a draft past the end, never emitted) are untouched."""
         start = time.perf_counter()
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
         bitmask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)

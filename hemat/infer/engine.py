@@ -8,8 +8,8 @@ then advances every running sequence by one decode forward, or one MTP draft-and
 the model carries MTP layers. Sequences leave the batch the step they finish; new ones join. On CUDA
 the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
-row of the logits before sampling and advances with each accepted token (constraints.py); constrained
-sequences decode without MTP drafts. With prompt_logprobs the prefill also scores every prompt token
+row of the logits before sampling (MTP drafts and their verification included) and advances with each
+accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
 (outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt.
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
@@ -504,14 +504,11 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = list(self.running)
-        if self.drafter is not None:  # constrained sequences decode one token at a time, without drafts
-            drafted = [s for s in seqs if s.grammar is None]
-            if drafted:
-                for seq, (tokens, logprobs) in zip(drafted, self.drafter.step(drafted, self._grow)):
-                    self._append(seq, tokens, self._token_logprobs(*logprobs) if logprobs else None)
-            seqs = [s for s in seqs if s.grammar is not None]
-            if not seqs:
-                return
+        if self.drafter is not None:
+            grammars = self.grammars if any(s.grammar is not None for s in seqs) else None
+            for seq, (tokens, logprobs) in zip(seqs, self.drafter.step(seqs, self._grow, grammars)):
+                self._append(seq, tokens, self._token_logprobs(*logprobs) if logprobs else None)
+            return
         for seq in seqs:
             self._grow(seq, seq.num_cached + 1)
         if self.static_decode is not None and self.static_decode.enabled:
