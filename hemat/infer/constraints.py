@@ -143,19 +143,16 @@ class Grammars:
             self.active -= 1
 
     def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """float32 logits with each row's forbidden tokens at -inf; rows whose matcher is None or has
-        terminated (a draft past the end, never emitted) are untouched."""
-        start = time.perf_counter()
-        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
-        bitmask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i in rows:
-            matchers[i].fill_next_token_bitmask(bitmask, i)
-        logits = logits.float()
-        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                             indices=rows)
-        self.mask_seconds += time.perf_counter() - start
-        self.masked_tokens += len(rows)
-        return logits
+        """float32 logits with each row's forbidden tokens at -inf; rows whose matcher is None are untouched."""
+        rows = self.row_mask(len(matchers))
+        for i, matcher in enumerate(matchers):
+            if matcher is not None:
+                rows.fill(i, matcher)
+        return rows.apply(logits)
+
+    def row_mask(self, num_rows: int) -> RowMask:
+        """A batch bitmask to fill row by row (each with its state at that moment) and apply once."""
+        return RowMask(self, num_rows)
 
     def stats(self) -> dict:
         return {"grammar_states": self.active, "grammar_masked_tokens": self.masked_tokens,
@@ -165,3 +162,36 @@ class Grammars:
     def idle_stats() -> dict:
         """stats() before any constrained request (no compiler built yet)."""
         return {"grammar_states": 0, "grammar_masked_tokens": 0, "grammar_mask_seconds": 0.0}
+
+
+class RowMask:
+    """One packed bitmask for a batch of logits rows, applied by one xgrammar kernel call."""
+
+    def __init__(self, grammars: Grammars, num_rows: int):
+        self.grammars, self.rows = grammars, []
+        self.seconds = 0.0
+        start = time.perf_counter()
+        self.bitmask = grammars.xgr.allocate_token_bitmask(num_rows, grammars.vocab_size)
+        self.seconds += time.perf_counter() - start
+
+    def fill(self, row: int, matcher) -> None:
+        """Row `row` allows what matcher's current state allows; a terminated state (a draft past the
+        end, never emitted) leaves the row unmasked."""
+        if matcher.is_terminated():
+            return
+        start = time.perf_counter()
+        matcher.fill_next_token_bitmask(self.bitmask, row)
+        self.rows.append(row)
+        self.seconds += time.perf_counter() - start
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 [rows, vocab] logits with the filled rows' forbidden tokens at -inf (in place when float32)."""
+        start = time.perf_counter()
+        logits = logits.float()
+        if self.rows:
+            self.grammars.xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device),
+                                                          vocab_size=self.grammars.vocab_size, indices=self.rows)
+        g = self.grammars
+        g.mask_seconds += self.seconds + time.perf_counter() - start
+        g.masked_tokens += len(self.rows)
+        return logits

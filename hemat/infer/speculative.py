@@ -73,7 +73,7 @@ class MTPDrafter:
         hidden = self.model.model(ids, positions, self.cache)
         logits = self.model.logits(hidden)  # [B, D + 1, V]
         if grammars is not None:
-            logits = self._mask_targets(logits.float(), seqs, drafts, grammars)
+            logits = self._mask_targets(logits, seqs, drafts, grammars)
 
         results = []
         for i, (s, m) in enumerate(zip(seqs, ms)):
@@ -94,19 +94,21 @@ class MTPDrafter:
 
     @staticmethod
     def _mask_targets(logits: torch.Tensor, seqs, drafts, grammars) -> torch.Tensor:
-        """Mask target row j of each constrained sequence with its grammar state after drafts 0..j-1;
-        the states end where they began (the committed tokens), as _run left them."""
+        """Mask target row j of each constrained sequence with its grammar state after drafts 0..j-1
+        (one bitmask, one apply); the states end where they began (the committed tokens)."""
+        batch, rows, vocab = logits.shape
+        mask = grammars.row_mask(batch * rows)
         for i, s in enumerate(seqs):
             if s.grammar is None:
                 continue
             taken = 0
-            for j in range(len(drafts[i]) + 1):
-                logits[i, j : j + 1] = grammars.mask(logits[i, j : j + 1], [s.grammar])
+            for j in range(rows):
+                mask.fill(i * rows + j, s.grammar)
                 if j == len(drafts[i]) or s.grammar.is_terminated() or not s.grammar.accept_token(drafts[i][j]):
                     break  # rows past a refused or final draft are never emitted
                 taken += 1
             s.grammar.rollback(taken)
-        return logits
+        return mask.apply(logits.reshape(batch * rows, vocab)).view(batch, rows, vocab)
 
     def _run(self, seqs, starts, ends, hiddens, tokens, draft: bool, grammars=None):
         """Every depth over positions [starts[i], ends[i]) of each row. tokens[i] lists x_{start+1}...;
