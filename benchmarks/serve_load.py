@@ -8,7 +8,8 @@ time to first token and per-token latency (p50, p99), aggregate output tokens/s 
 stream, and dollars per million output tokens at --price-per-hour. Then the same concurrent load as a
 mix, every other stream constrained to a JSON schema (response_format json_schema), with its aggregate
 tokens/s as a ratio of the all-unconstrained run and the grammar mask's cost per constrained token (from
-the server's /metrics). Bounded by --timeout seconds.
+the server's /metrics); the two loads alternate (plain, mix, mix, plain) so that a drift in the machine's
+speed weighs on both. Bounded by --timeout seconds.
 
     python benchmarks/serve_load.py [--checkpoint DIR | --config cpu-tiny | --url URL] [--concurrency 16]
 """
@@ -176,12 +177,14 @@ async def grammar_counters(url: str, headers: dict) -> tuple[float, float]:
 async def measure(url: str, headers: dict, model: str, args) -> dict:
     await run_clients(url, headers, model, 2, 1, 4, 10_000, mix=True)  # warm-up, the grammar compile included
     single, single_wall = await run_clients(url, headers, model, 1, args.single_requests, args.max_tokens, 0)
-    many, many_wall = await run_clients(url, headers, model, args.concurrency, args.requests, args.max_tokens, 1000)
     seconds0, masked0 = await grammar_counters(url, headers)
-    mixed, mixed_wall = await run_clients(url, headers, model, args.concurrency, args.requests, args.max_tokens,
-                                          1000, mix=True)
+    runs = {False: ([], 0.0), True: ([], 0.0)}
+    for mix in (False, True, True, False):  # ABBA: a drift in the machine's speed weighs on both alike
+        samples, wall = await run_clients(url, headers, model, args.concurrency, args.requests, args.max_tokens,
+                                          1000, mix=mix)
+        runs[mix] = (runs[mix][0] + samples, runs[mix][1] + wall)
     seconds1, masked1 = await grammar_counters(url, headers)
-    one, all_, mix = summarize(single, single_wall), summarize(many, many_wall), summarize(mixed, mixed_wall)
+    one, all_, mix = summarize(single, single_wall), summarize(*runs[False]), summarize(*runs[True])
     return {
         "concurrency": args.concurrency, "max_tokens": args.max_tokens, "price_per_hour": args.price_per_hour,
         "single": one, "concurrent": all_, "speedup": all_["tokens_per_s"] / one["tokens_per_s"],
