@@ -6,7 +6,9 @@ events to asyncio. A client that goes away cancels its generation, which frees i
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
 GET /metrics, and the web chat at / (with /static/*). With an API key, everything but /health and the
-web page's files needs `Authorization: Bearer KEY`."""
+web page's files needs `Authorization: Bearer KEY`. Chat requests may carry tools (function calling:
+tools.py); both routes take output constraints (response_format, guided_json/regex/choice/grammar:
+infer/constraints.py); /v1/completions with echo returns the prompt and its logprobs (lm-eval)."""
 
 from __future__ import annotations
 
