@@ -5,7 +5,11 @@ or a random model built from a preset (default cpu-tiny, with a tokenizer traine
 corpus), or targets a running server (--url). First one stream alone, then --concurrency clients at once,
 each sending --requests streaming chat requests of exactly --max-tokens tokens (EOS ignored). Reports
 time to first token and per-token latency (p50, p99), aggregate output tokens/s against the single
-stream, and dollars per million output tokens at --price-per-hour. Bounded by --timeout seconds.
+stream, and dollars per million output tokens at --price-per-hour. Then the same concurrent load as a
+mix, every other stream constrained to a JSON schema (response_format json_schema), with its aggregate
+tokens/s as a ratio of the all-unconstrained run and the grammar mask's cost per constrained token (from
+the server's /metrics); the two loads alternate (plain, mix, mix, plain) so that a drift in the machine's
+speed weighs on both. Bounded by --timeout seconds.
 
     python benchmarks/serve_load.py [--checkpoint DIR | --config cpu-tiny | --url URL] [--concurrency 16]
 """
@@ -30,6 +34,10 @@ import torch
 from hemat.cost import default_price, detect_device, devices_in_use, serving_cost_per_million
 
 MAX_CLIENTS = 256
+# the mix's constraint: one long free-text field, so that constrained streams run to max_tokens as the others do
+MIX_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["title", "story"],
+    "properties": {"title": {"type": "string", "maxLength": 12}, "story": {"type": "string"}}}}}
 
 
 @dataclass
@@ -46,10 +54,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model: str, max_tokens: int,
-                      i: int) -> Sample:
+                      i: int, constrained: bool = False) -> Sample:
     body = {"model": model, "messages": [{"role": "user", "content": f"Tell me a story about request {i}."}],
             "max_tokens": max_tokens, "ignore_eos": True, "temperature": 1.0, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}}
+    if constrained:
+        body["response_format"] = MIX_FORMAT
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -76,12 +86,14 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
 
 
 async def run_clients(url: str, headers: dict, model: str, clients: int, requests: int, max_tokens: int,
-                      offset: int) -> tuple[list[Sample], float]:
-    """clients concurrent loops of `requests` sequential requests → (samples, wall seconds)."""
+                      offset: int, mix: bool = False) -> tuple[list[Sample], float]:
+    """clients concurrent loops of `requests` sequential requests → (samples, wall seconds). mix: the
+    even-numbered clients' requests are constrained to MIX_FORMAT."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def loop(c: int) -> list[Sample]:
-            return [await one_request(client, url, headers, model, max_tokens, offset + c * requests + r)
+            return [await one_request(client, url, headers, model, max_tokens, offset + c * requests + r,
+                                      constrained=mix and c % 2 == 0)
                     for r in range(requests)]
 
         start = time.perf_counter()
@@ -154,14 +166,30 @@ def build_random_checkpoint(config_name: str, out: Path) -> Path:
     return out
 
 
+async def grammar_counters(url: str, headers: dict) -> tuple[float, float]:
+    """(seconds spent masking, constrained tokens masked) from the server's /metrics (0 before any)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics", headers=headers)).text
+    found = dict(re.findall(r"^hemat_engine_grammar_(mask_seconds|masked_tokens) (\S+)$", text, re.M))
+    return float(found.get("mask_seconds", 0)), float(found.get("masked_tokens", 0))
+
+
 async def measure(url: str, headers: dict, model: str, args) -> dict:
-    await run_clients(url, headers, model, 1, 1, 4, 10_000)  # warm-up: first-call costs out of the numbers
+    await run_clients(url, headers, model, 2, 1, 4, 10_000, mix=True)  # warm-up, the grammar compile included
     single, single_wall = await run_clients(url, headers, model, 1, args.single_requests, args.max_tokens, 0)
-    many, many_wall = await run_clients(url, headers, model, args.concurrency, args.requests, args.max_tokens, 1000)
-    one, all_ = summarize(single, single_wall), summarize(many, many_wall)
+    seconds0, masked0 = await grammar_counters(url, headers)
+    runs = {False: ([], 0.0), True: ([], 0.0)}
+    for mix in (False, True, True, False):  # ABBA: a drift in the machine's speed weighs on both alike
+        samples, wall = await run_clients(url, headers, model, args.concurrency, args.requests, args.max_tokens,
+                                          1000, mix=mix)
+        runs[mix] = (runs[mix][0] + samples, runs[mix][1] + wall)
+    seconds1, masked1 = await grammar_counters(url, headers)
+    one, all_, mix = summarize(single, single_wall), summarize(*runs[False]), summarize(*runs[True])
     return {
         "concurrency": args.concurrency, "max_tokens": args.max_tokens, "price_per_hour": args.price_per_hour,
         "single": one, "concurrent": all_, "speedup": all_["tokens_per_s"] / one["tokens_per_s"],
+        "mix": mix, "mix_ratio": mix["tokens_per_s"] / all_["tokens_per_s"],
+        "mask_us_per_token": 1e6 * (seconds1 - seconds0) / (masked1 - masked0) if masked1 > masked0 else None,
         "usd_per_m_output_single": serving_cost_per_million(args.price_per_hour, one["tokens_per_s"]),
         "usd_per_m_output_concurrent": serving_cost_per_million(args.price_per_hour, all_["tokens_per_s"]),
     }
@@ -180,6 +208,10 @@ def print_report(r: dict) -> None:
     for row in rows:
         print(f"{row[0]:<{width}}  {row[1]:>12}  {row[2]:>12}")
     print(f"aggregate throughput: {r['speedup']:.2f}x one stream")
+    mask = r["mask_us_per_token"]
+    print(f"mix, half the streams JSON-schema constrained: {r['mix']['tokens_per_s']:.1f} tokens/s = "
+          f"{r['mix_ratio']:.2f}x all unconstrained; grammar mask "
+          f"{'-' if mask is None else f'{mask:.1f}'} us per constrained token")
 
 
 def main() -> int:

@@ -40,12 +40,20 @@ SPLIT_PATTERN = (
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>You may call these functions. For each call, answer with <tool_call>"
+    "{\"name\": function name, \"arguments\": JSON object}</tool_call>.\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ (tool['function'] if tool['function'] is defined else tool) | tojson }}"
+    "{% endfor %}{{ '\\n</tools>' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ '<|system|>' }}{{ message['content'] }}"
     "{% elif message['role'] == 'user' %}{{ '<|user|>' }}{{ message['content'] }}"
+    "{% elif message['role'] == 'tool' %}{{ '<|user|><tool_response>' }}{{ message['content'] }}{{ '</tool_response>' }}"
     "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
     "{% if message['reasoning_content'] %}{{ '<think>\\n' }}{{ message['reasoning_content'] }}{{ '\\n</think>\\n' }}"
-    "{% endif %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}{{ '</tool_call>' }}"
+    "{% endfor %}{{ eos_token }}"
     "{% else %}{{ raise_exception('unknown chat role: ' ~ message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
@@ -127,10 +135,8 @@ class Tokenizer:
         try:
             text = _compile_template(self.chat_template).render(
                 messages=[_normalize_message(m) for m in messages],
-                tools=None,
-                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
+                **{"tools": None, "documents": None, **self.special_tokens, **kwargs},
             )
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None

@@ -118,8 +118,8 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     rounds = []
     run = engine.drafter._run
 
-    def recording_run(seqs, starts, ends, hiddens, toks, draft):
-        drafts, qs = run(seqs, starts, ends, hiddens, toks, draft)
+    def recording_run(seqs, starts, ends, hiddens, toks, draft, **kwargs):
+        drafts, qs = run(seqs, starts, ends, hiddens, toks, draft, **kwargs)
         if draft:
             rounds.extend((s, e, d[0]) for s, e, d in zip(seqs, ends, drafts))
         return drafts, qs

@@ -5,9 +5,11 @@ it tried to create outside)."""
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -395,20 +397,27 @@ def test_leftovers_of_the_sandbox_uid_are_killed_and_nothing_else():
 
 
 @root_only
-def test_without_root_the_audit_hook_still_contains_hostile_code(tmp_path):
-    """The degraded mode, for real: the sandbox itself run by an unprivileged user."""
+def test_without_root_the_audit_hook_still_contains_hostile_code():
+    """The degraded mode, for real: the sandbox itself run by an unprivileged user. The child imports a
+    world-readable copy of the package, since the checkout may sit under a directory only root can read."""
     plan = sandbox._plan()
     target = Path("/tmp") / f"hemat-sandbox-escape-{uuid.uuid4().hex}"
+    readable = Path(tempfile.mkdtemp(prefix="hemat-sandbox-pkg-"))
+    readable.chmod(0o755)
+    shutil.copytree(PROJECT / "hemat", readable / "hemat", ignore=shutil.ignore_patterns("__pycache__"))
     driver = f"""
 import json, sys
-sys.path.insert(0, {str(PROJECT)!r})
+sys.path.insert(0, {str(readable)!r})
 from hemat.eval.sandbox import run_python
 attacks = ["open({str(target)!r}, 'w')", "import socket; socket.socket()", "import os; os.kill(os.getppid(), 9)",
            "import os; os.fork()", "print(open('/etc/passwd').read())", "print('fine')"]
 print(json.dumps([[r.ok, r.stdout, r.stderr, list(r.isolation)] for r in map(run_python, attacks)]))
 """
-    done = subprocess.run([plan.interpreter, "-c", driver], user=65534, group=65534, extra_groups=[], cwd="/",
-                          env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run([plan.interpreter, "-c", driver], user=65534, group=65534, extra_groups=[], cwd="/",
+                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(readable)
     assert done.returncode == 0, done.stderr
     assert "not running as root" in done.stderr  # the degradation is announced
     *attacks, fine = json.loads(done.stdout)

@@ -321,7 +321,8 @@ def test_api_key_required_everywhere_but_health_and_page(server):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"extra_body": {"temperature": "hot"}}, "temperature"),
     ({"extra_body": {"frobnicate": True}}, "frobnicate"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),  # no tool_call_id
     ({"messages": []}, "messages"),
 ])
 def test_bad_parameters_are_400_naming_the_field(server, kwargs, param):

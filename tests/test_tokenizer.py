@@ -106,8 +106,8 @@ def test_chat_template(trained):
     assert not tok.apply_chat_template(MESSAGES, add_generation_prompt=False).endswith("<|assistant|>")
     ids = tok.apply_chat_template(MESSAGES, tokenize=True)
     assert ids[0] == 0 and ids[-1] == 5 and 6 in ids and 7 in ids
-    with pytest.raises(TokenizerError, match="unknown chat role: tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="unknown chat role: robot"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}])
 
 
 def test_transformers_agrees(trained):

@@ -83,7 +83,7 @@ class EvalContext:
         pretraining documents do. Returns CompletionOutputs; a prompt too long for the context gets
         empty outputs with finish_reason "too_long" instead of stopping the whole eval."""
         from hemat.eval.choice import with_document_start
-        from hemat.infer.engine import CompletionOutput
+        from hemat.infer.outputs import CompletionOutput
         from hemat.infer.sampling import SamplingParams
 
         s = self.settings

@@ -7,6 +7,10 @@ advances the admitted prompts by one padded prefill forward of at most max_prefi
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
 the model carries MTP layers. Sequences leave the batch the step they finish; new ones join. On CUDA
 the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
+A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
+row of the logits before sampling (MTP drafts and their verification included) and advances with each
+accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
+(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt.
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
 gives the same tokens alone or in any batch. `step()` runs either on a background thread (`start()`)
@@ -22,15 +26,16 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
+from hemat.infer.constraints import Grammars
 from hemat.infer.cuda_graphs import BucketedDecode
+from hemat.infer.outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprob
 from hemat.infer.reasoning import REASONING, ReasoningSplitter
-from hemat.infer.sampling import SamplingParams, make_generator, sample, stop_token_set
+from hemat.infer.sampling import SamplingParams, gather_logprobs, make_generator, sample, stop_token_set
 from hemat.infer.speculative import MTPDrafter
 from hemat.infer.stops import StopMatcher
 
@@ -43,45 +48,6 @@ def _unpenalised(params: SamplingParams) -> bool:
 
 class EngineRequestError(HematError):
     """A request the engine cannot serve (too long, bad ids, ...); the message names the value."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)
-
-
-@dataclass
-class StreamEvent:
-    request_id: str
-    index: int
-    text: str = ""
-    reasoning_text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    reasoning_text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    cached_tokens: int  # prompt tokens whose cache entries came from the prefix cache
-    outputs: list[CompletionOutput]
-    metrics: dict
-    error: str | None = None
 
 
 class _TextStream:
@@ -143,6 +109,7 @@ class _Sequence:
         self.finish_reason: str | None = None
         self.event_tokens: list[int] = []
         self.event_logprobs: list[TokenLogprob] = []
+        self.grammar = None if request.grammar is None else request.engine.grammars.matcher(request.grammar)
 
     def tokens(self, start: int, end: int) -> list[int]:
         p = len(self.prompt)
@@ -153,11 +120,12 @@ class Request:
     """A submitted request: iterate it for StreamEvents, `result()` for the RequestOutput, `cancel()`."""
 
     def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 max_new: int, on_event, split_reasoning: bool, starts_in_reasoning: bool):
-        self.engine, self.request_id, self.params = engine, request_id, params
+                 max_new: int, on_event, split_reasoning: bool, starts_in_reasoning: bool, grammar=None):
+        self.engine, self.request_id, self.params, self.grammar = engine, request_id, params, grammar
         self.prompt_token_ids, self.max_new, self.on_event = prompt_ids, max_new, on_event
         self.cached_tokens = 0
         self.page_keys: list[bytes] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.cancelled = False
         self.sequences = [
             _Sequence(self, i, _TextStream(engine.tokenizer, params, split_reasoning, starts_in_reasoning))
@@ -246,6 +214,7 @@ class Engine:
         self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture)
                               if (capture or cuda_graphs == "eager") and not self.spec_depth else None)
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else self.config.eos_token_ids
+        self._grammars: Grammars | None = None
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not fully in the cache yet
         self.running: list[_Sequence] = []
@@ -257,6 +226,15 @@ class Engine:
         self._ids = itertools.count()
         self.counters = dict(requests_finished=0, requests_cancelled=0, cached_prefix_tokens=0,
                              prompt_tokens=0, generated_tokens=0)
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler, built on first use (it indexes the whole vocabulary)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise EngineRequestError("constrained decoding needs an engine with a tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _default_cache_tokens(self, num_layers: int) -> int:
         """Room for every batch slot to reach the full context, within a share of free memory."""
@@ -270,9 +248,10 @@ class Engine:
     # ---- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                messages: list[dict] | None = None, params: SamplingParams | None = None, on_event=None,
-               split_reasoning: bool | None = None, request_id: str | None = None) -> Request:
+               split_reasoning: bool | None = None, request_id: str | None = None,
+               tools: list[dict] | None = None) -> Request:
         """Queue one request (thread-safe). split_reasoning None: split `<think>…</think>` for chat
-        messages whose template uses it."""
+        messages whose template uses it. tools: function definitions for the chat template."""
         if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
             raise EngineRequestError("give exactly one of prompt, prompt_ids or messages")
         params = SamplingParams() if params is None else params
@@ -283,7 +262,7 @@ class Engine:
             raise EngineRequestError("this engine has no tokenizer: give prompt_ids and no stop strings")
         starts_in_reasoning = False
         if messages is not None:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None)
             prompt_ids = self.tokenizer.encode(text)
             starts_in_reasoning = text.rstrip().endswith(THINK_START)
             if split_reasoning is None:
@@ -296,8 +275,9 @@ class Engine:
         max_new = self._check_lengths(prompt_ids, params)
         if params.n > self.max_batch_size:
             raise EngineRequestError(f"n={params.n} is more than max_batch_size={self.max_batch_size}")
+        grammar = None if params.guide is None else self.grammars.compile(params.guide)
         request = Request(self, request_id or f"req-{next(self._ids)}", prompt_ids, params, max_new, on_event,
-                          bool(split_reasoning), starts_in_reasoning)
+                          bool(split_reasoning), starts_in_reasoning, grammar)
         with self._lock:
             self.waiting.append(request)
             self._wakeup.notify()
@@ -325,7 +305,7 @@ class Engine:
         if params.max_tokens is not None and p + params.max_tokens > ctx:
             raise EngineRequestError(f"max_tokens={params.max_tokens} plus the prompt's {p} tokens exceeds the "
                                      f"model's context of {ctx} tokens (at most {ctx - p})")
-        max_new = params.max_tokens or ctx - p
+        max_new = params.max_tokens if params.max_tokens is not None else ctx - p
         # the most pages one sample may span when all n fit in the pool at once
         n, shared = params.n, self._shareable_pages(p)
         fit = (self.cache.num_pages + (n - 1) * shared) // n * self.page_size - p - self.spec_depth
@@ -430,7 +410,7 @@ class Engine:
                 if busy + n > self.max_batch_size:
                     break
                 keys = alloc.page_keys(req.prompt_token_ids, self._shareable_pages(p))
-                hits = alloc.lookup(keys)
+                hits = alloc.lookup(keys) if req.prompt_logprobs is None else []  # scoring needs every position
                 need = self._pages_needed(p, req.max_new, n, len(hits))
                 if need + sum(page in alloc.evictable for page in hits) > alloc.available:
                     break
@@ -475,8 +455,10 @@ class Engine:
                             for s, start, n in zip(parents, starts, lengths)], device=self.device)
         positions = self.cache.begin_step([s.pages for s in parents], starts, lengths)
         hidden = self.model.model(ids, positions, self.cache)
-        for seq, n in zip(parents, lengths):
+        for row, (seq, start, n) in enumerate(zip(parents, starts, lengths)):
             seq.num_cached += n
+            if seq.request.prompt_logprobs is not None:
+                self._score_prompt(seq, hidden[row, :n], start)
         if self.drafter is not None:
             self.drafter.prefill(parents, hidden, starts, lengths)
         done = [i for i, s in enumerate(parents) if s.num_cached == len(s.prompt)]
@@ -491,6 +473,10 @@ class Engine:
         for j, req in enumerate(finished):
             parent = req.sequences[0]
             alloc.register(parent.pages, req.page_keys)
+            if req.max_new == 0:  # prompt scoring only: nothing to sample
+                for seq in req.sequences:
+                    self._finish(seq, "length")
+                continue
             shared = self._shareable_pages(len(parent.prompt))
             for child in req.sequences[1:]:  # forks share the full prompt pages and copy the rest
                 alloc.acquire(parent.pages[:shared])
@@ -502,12 +488,25 @@ class Engine:
             seqs += req.sequences
             row_of += [j] * len(req.sequences)
         self.running += seqs
-        self._sample_and_append(seqs, logits[torch.tensor(row_of, device=self.device)])
+        if seqs:
+            self._sample_and_append(seqs, logits[torch.tensor(row_of, device=self.device)])
+
+    def _score_prompt(self, seq: _Sequence, hidden: torch.Tensor, start: int) -> None:
+        """Logprobs of prompt tokens start+1 .. start+len(hidden) from the hidden states at the positions
+        before them, in slices that bound the [rows, vocab] logits."""
+        targets = seq.prompt[start + 1 : start + 1 + hidden.shape[0]]
+        k = seq.params.prompt_logprobs
+        for lo in range(0, len(targets), 256):
+            ids = torch.tensor(targets[lo : lo + 256], device=self.device)
+            chosen, top_ids, top_lps = gather_logprobs(self.model.logits(hidden[lo : lo + len(ids)]), ids, k)
+            for token, (lp, top) in zip(ids.tolist(), self._token_logprobs(chosen, top_ids, top_lps)):
+                seq.request.prompt_logprobs.append(TokenLogprob(token, self._token_text(token), lp, top))
 
     def _decode(self) -> None:
         seqs = list(self.running)
         if self.drafter is not None:
-            for seq, (tokens, logprobs) in zip(seqs, self.drafter.step(seqs, self._grow)):
+            grammars = self.grammars if any(s.grammar is not None for s in seqs) else None
+            for seq, (tokens, logprobs) in zip(seqs, self.drafter.step(seqs, self._grow, grammars)):
                 self._append(seq, tokens, self._token_logprobs(*logprobs) if logprobs else None)
             return
         for seq in seqs:
@@ -524,6 +523,8 @@ class Engine:
         self._sample_and_append(seqs, logits)
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        if any(s.grammar is not None for s in seqs):
+            logits = self.grammars.mask(logits, [s.grammar for s in seqs])
         if all(s.params.greedy and not s.params.logprobs and _unpenalised(s.params) for s in seqs):
             for seq, token in zip(seqs, logits.argmax(dim=-1).tolist()):  # what sample() picks, in one call
                 self._append(seq, [token], None)
@@ -564,7 +565,9 @@ class Engine:
                 entry = TokenLogprob(token, self._token_text(token), lp, top)
                 seq.logprobs.append(entry)
                 seq.event_logprobs.append(entry)
-            if token in seq.stop_ids:
+            if seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated()):
+                self._finish(seq, "stop")  # the grammar is complete (a refused token cannot pass the mask)
+            elif token in seq.stop_ids:
                 self._finish(seq, "stop")
             elif seq.text.push(token):
                 self._finish(seq, "stop", stopped_by_string=True)
@@ -582,6 +585,9 @@ class Engine:
         alloc.release(seq.pages)
         alloc.reserved -= seq.reserve
         seq.pages, seq.reserve, seq.hidden = [], 0, None
+        if seq.grammar is not None:
+            self.grammars.release(seq.grammar)
+            seq.grammar = None
         if seq in self.running:
             self.running.remove(seq)
         self._emit(seq)
@@ -625,7 +631,7 @@ class Engine:
             "decode_tokens_per_s": (generated - len(request.sequences)) / (now - first) if now > first else 0.0,
         }
         request._output = RequestOutput(request.request_id, request.prompt_token_ids, request.cached_tokens,
-                                        outputs, metrics, request.error)
+                                        outputs, metrics, request.error, request.prompt_logprobs)
         self.counters["requests_cancelled" if request.cancelled else "requests_finished"] += 1
         request._done.set()
         self._deliver(request, None)
@@ -662,6 +668,7 @@ class Engine:
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
                    speculative_depth=self.spec_depth,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
+        out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
             out.update(spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
                        spec_acceptance_rate=self.drafter.acceptance_rate)

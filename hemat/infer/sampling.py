@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hemat.errors import HematError
+from hemat.infer.constraints import Guide
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy: dividing by them overflows float32 logits
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -42,7 +43,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # [-2, 2]; over output tokens
     frequency_penalty: float = 0.0  # [-2, 2]; over output tokens
     seed: int | None = None  # None: a random seed per request
-    max_tokens: int | None = None  # None: up to the context length
+    max_tokens: int | None = None  # None: up to the context length; 0: score the prompt only
     stop: list[str] = field(default_factory=list)  # a single string is accepted and wrapped
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -50,6 +51,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0-20 alternatives per token; needs logprobs=True
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives (0-20)
+    guide: Guide | None = None  # constrained decoding: what the output must match (constraints.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,7 +75,7 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=1)
+            _check_int("max_tokens", self.max_tokens, low=0)
         if not isinstance(self.stop, list):
             raise SamplingError(f"stop must be a string or a list of strings, got {self.stop!r}")
         for i, s in enumerate(self.stop):
@@ -87,6 +90,8 @@ class SamplingParams:
                 raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_int("n", self.n, low=1)
         _check_int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise SamplingError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
 

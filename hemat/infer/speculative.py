@@ -56,13 +56,15 @@ class MTPDrafter:
                 [list(seqs[i].prompt[starts[i] + 1 : e + d]) for i, e in zip(rows, ends)], draft=False,
             )
 
-    def step(self, seqs: Sequence, grow: Callable) -> list[tuple[list[int], list | None]]:
+    def step(self, seqs: Sequence, grow: Callable, grammars=None) -> list[tuple[list[int], list | None]]:
         """One draft-and-verify round for every sequence → per sequence (emitted tokens, raw logprobs
-        as (logprob, top ids, top logprobs) tensors or None)."""
+        as (logprob, top ids, top logprobs) tensors or None). grammars (constraints.Grammars): masks the
+        drafts and target rows of sequences with a grammar state (`s.grammar`)."""
         d = self.depth
         ms = [s.num_cached for s in seqs]
         tokens = [s.tokens(s.mtp_start + 1, m + 1) for s, m in zip(seqs, ms)]
-        drafts, qs = self._run(seqs, [s.mtp_start for s in seqs], ms, [s.hidden for s in seqs], tokens, draft=True)
+        drafts, qs = self._run(seqs, [s.mtp_start for s in seqs], ms, [s.hidden for s in seqs], tokens, draft=True,
+                               grammars=grammars)
 
         for s, m in zip(seqs, ms):
             grow(s, m + d + 1)
@@ -70,6 +72,8 @@ class MTPDrafter:
         positions = self.cache.begin_step([s.pages for s in seqs], ms, [d + 1] * len(seqs))
         hidden = self.model.model(ids, positions, self.cache)
         logits = self.model.logits(hidden)  # [B, D + 1, V]
+        if grammars is not None:
+            logits = self._mask_targets(logits, seqs, drafts, grammars)
 
         results = []
         for i, (s, m) in enumerate(zip(seqs, ms)):
@@ -88,7 +92,25 @@ class MTPDrafter:
             results.append((res.token_ids, logprobs))
         return results
 
-    def _run(self, seqs, starts, ends, hiddens, tokens, draft: bool):
+    @staticmethod
+    def _mask_targets(logits: torch.Tensor, seqs, drafts, grammars) -> torch.Tensor:
+        """Mask target row j of each constrained sequence with its grammar state after drafts 0..j-1
+        (one bitmask, one apply); the states end where they began (the committed tokens)."""
+        batch, rows, vocab = logits.shape
+        mask = grammars.row_mask(batch * rows)
+        for i, s in enumerate(seqs):
+            if s.grammar is None:
+                continue
+            taken = 0
+            for j in range(rows):
+                mask.fill(i * rows + j, s.grammar)
+                if j == len(drafts[i]) or s.grammar.is_terminated() or not s.grammar.accept_token(drafts[i][j]):
+                    break  # rows past a refused or final draft are never emitted
+                taken += 1
+            s.grammar.rollback(taken)
+        return mask.apply(logits.reshape(batch * rows, vocab)).view(batch, rows, vocab)
+
+    def _run(self, seqs, starts, ends, hiddens, tokens, draft: bool, grammars=None):
         """Every depth over positions [starts[i], ends[i]) of each row. tokens[i] lists x_{start+1}...;
         depth k (0-based) reads tokens[i][k : k + T_i], and each depth's draft is appended to it."""
         model, b = self.model, len(seqs)
@@ -103,6 +125,7 @@ class MTPDrafter:
         rows = torch.arange(b, device=hidden.device)
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        advanced = [0] * len(seqs)  # draft tokens each grammar state accepted
         for k, layer in enumerate(model.mtp_layers):
             ids = torch.tensor([tok[k : k + n] + [0] * (t - n) for tok, n in zip(tokens, lengths)], device=hidden.device)
             hidden = layer(hidden, model.model.embed_tokens(ids), rope, self.cache)
@@ -112,6 +135,8 @@ class MTPDrafter:
             processed = process_logits(
                 logits, [s.params for s in seqs], [s.prompt for s in seqs], [s.output + dr for s, dr in zip(seqs, drafts)]
             )
+            if grammars is not None:  # drafts follow the grammar, which advances over them
+                processed = grammars.mask(processed, [s.grammar for s in seqs])
             for i, s in enumerate(seqs):
                 if s.params.greedy:
                     token = int(processed[i].argmax())
@@ -121,4 +146,9 @@ class MTPDrafter:
                     qs[i].append(q)
                 drafts[i].append(token)
                 tokens[i].append(token)
+                if grammars is not None and s.grammar is not None and not s.grammar.is_terminated():
+                    advanced[i] += s.grammar.accept_token(token)
+        for i, s in enumerate(seqs):  # back to the committed tokens' state
+            if advanced[i]:
+                s.grammar.rollback(advanced[i])
         return drafts, qs

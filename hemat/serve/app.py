@@ -6,7 +6,9 @@ events to asyncio. A client that goes away cancels its generation, which frees i
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
 GET /metrics, and the web chat at / (with /static/*). With an API key, everything but /health and the
-web page's files needs `Authorization: Bearer KEY`."""
+web page's files needs `Authorization: Bearer KEY`. Chat requests may carry tools (function calling:
+tools.py); both routes take output constraints (response_format, guided_json/regex/choice/grammar:
+infer/constraints.py); /v1/completions with echo returns the prompt and its logprobs (lm-eval)."""
 
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.serve.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from hemat.serve.bridge import Admission, EventStreamResponse, Generation, QueueFull, sse
 from hemat.serve.metrics import RequestCounterMiddleware, ServerMetrics
+from hemat.infer.constraints import Guide
 from hemat.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs,
     describe_validation_error, document_errors, error_body, usage,
 )
+from hemat.serve.tools import ToolStream, ToolSyntax, check_tools, forced_functions, syntax_for
 
 log = logging.getLogger("hemat.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -165,23 +169,38 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions", summary="chat completion (OpenAI format, with reasoning_content)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(settings, body.model)
+        tools = body.active_tools()
+        syntax = syntax_for(state.tokenizer.chat_template) if tools else None
+        guide = body.guide()
+        if tools:
+            check_tools(tools)
+            forced = forced_functions(tools, body.tool_choice)
+            if forced and guide is not None:
+                raise APIError(400, f"tool_choice: a forced tool call cannot also follow {guide.where}",
+                               param="tool_choice")
+            if forced:
+                guide = Guide("grammar", syntax.grammar(forced), "tool_choice")
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.token_limit(), logprobs=body.logprobs,
-                                  top_logprobs=body.top_logprobs or 0)
-        submission = {"messages": body.template_messages(), "params": params}
+                                  top_logprobs=body.top_logprobs or 0, guide=guide,
+                                  skip_special_tokens=not tools)  # call markers may be special tokens
+        submission = {"messages": body.template_messages(), "params": params, "tools": tools}
         gen = await _start(state, [submission], body.n)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if settings.log_prompts:
             log.info("%s messages: %s", rid, json.dumps(submission["messages"], ensure_ascii=False))
+        calls = _ToolCalls(syntax, {t["function"]["name"] for t in tools}, body.parallel_tool_calls) if tools else None
         if body.stream:
-            return EventStreamResponse(_stream_chat(state, gen, body, rid), on_close=gen.close)
-        return await _until_done_or_gone(request, gen, _complete_chat(state, gen, body, rid))
+            return EventStreamResponse(_stream_chat(state, gen, body, rid, calls), on_close=gen.close)
+        return await _until_done_or_gone(request, gen, _complete_chat(state, gen, body, rid, calls))
 
     @app.post("/v1/completions", summary="text completion (OpenAI's legacy format)")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(settings, body.model)
         top = body.logprobs or 0
+        prompt_logprobs = top if body.echo and body.logprobs is not None else None
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.max_tokens,
-                                  logprobs=body.logprobs is not None, top_logprobs=top)
+                                  logprobs=body.logprobs is not None, top_logprobs=top,
+                                  prompt_logprobs=prompt_logprobs, guide=body.guide())
         submissions = [
             {"prompt": p, "params": params} if isinstance(p, str) else {"prompt_ids": p, "params": params}
             for p in body.prompts()
@@ -241,6 +260,8 @@ async def _start(state, submissions: list[dict], n: int) -> Generation:
 
 
 def _param_of(message: str) -> str | None:
+    if message.startswith(("response_format", "guided_", "tools", "tool_choice")):
+        return message.split(":")[0].split(".")[0]
     if message.startswith(("max_tokens", "the request (")):
         return "max_tokens"
     if message.startswith(("the prompt", "prompt_ids")):
@@ -308,7 +329,17 @@ def _failure(gen: Generation, finish_reason: str) -> APIError:
     return APIError(500, f"generation failed: {gen.error_message()}", "server_error", code="generation_error")
 
 
-async def _complete_chat(state, gen: Generation, body: ChatCompletionRequest, rid: str):
+@dataclass
+class _ToolCalls:
+    syntax: ToolSyntax
+    names: set[str]
+    parallel: bool  # parallel_tool_calls false: only the first call is returned
+
+    def keep(self, calls: list) -> list:
+        return calls if self.parallel else calls[:1]
+
+
+async def _complete_chat(state, gen: Generation, body: ChatCompletionRequest, rid: str, tools: _ToolCalls | None):
     async for _, event in gen.events():
         if event.finish_reason in ("error", "cancelled"):
             raise _failure(gen, event.finish_reason)
@@ -317,17 +348,23 @@ async def _complete_chat(state, gen: Generation, body: ChatCompletionRequest, ri
     choices = []
     for o in outputs:
         message = {"role": "assistant", "content": o.text, "reasoning_content": o.reasoning_text or None}
+        finish = o.finish_reason
+        content, calls = tools.syntax.parse(o.text, tools.names) if tools else (o.text, [])
+        if calls:
+            message.update(content=content or None, tool_calls=[c.openai() for c in tools.keep(calls)])
+            finish = "tool_calls"
         logprobs = {"content": chat_logprobs(o.logprobs)} if body.logprobs else None
-        choices.append({"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": o.finish_reason})
+        choices.append({"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
     reasoning = sum(_reasoning_tokens(state.tokenizer, o) for o in outputs)
     _log_done(state, rid, results, [o.text for o in outputs])
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None, "choices": choices, "usage": _usage(state, results, reasoning)}
 
 
-async def _stream_chat(state, gen: Generation, body: ChatCompletionRequest, rid: str):
+async def _stream_chat(state, gen: Generation, body: ChatCompletionRequest, rid: str, tools: _ToolCalls | None):
     created = int(time.time())
     include_usage = body.include_usage()
+    held = {i: ToolStream(tools.syntax, tools.names) for i in range(body.n)} if tools else {}
 
     def chunk(choices: list, **extra) -> str:
         out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -346,15 +383,23 @@ async def _stream_chat(state, gen: Generation, body: ChatCompletionRequest, rid:
                 yield sse(_failure(gen, event.finish_reason).body())
                 yield sse("[DONE]")
                 return
-            delta = {}
+            delta, finish = {}, event.finish_reason
             if event.reasoning_text:
                 delta["reasoning_content"] = event.reasoning_text
-            if event.text:
-                delta["content"] = event.text
+            text, calls = event.text, []
+            if held:
+                text = held[index].feed(text)
+                if finish is not None:
+                    rest, calls = held[index].finish()
+                    text += rest
+            if text:
+                delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [c.openai(i) for i, c in enumerate(tools.keep(calls))]
+                finish = "tool_calls"
             logprobs = {"content": chat_logprobs(event.logprobs)} if event.logprobs else None
-            if delta or logprobs or event.finish_reason:
-                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": event.finish_reason}])
+            if delta or logprobs or finish:
+                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
         results = await gen.results()
         outputs = [o for r in results for o in r.outputs]
         reasoning = sum(_reasoning_tokens(state.tokenizer, o) for o in outputs)
@@ -377,9 +422,17 @@ async def _complete_text(state, gen: Generation, body: CompletionRequest, rid: s
     results = await gen.results()
     choices = []
     for i, r in enumerate(results):
+        prompt = body.prompts()[i]
+        echo = (prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt)) if body.echo else ""
         for o in r.outputs:
-            logprobs = completion_logprobs(o.logprobs, 0) if body.logprobs is not None else None
-            choices.append({"index": i * body.n + o.index, "text": o.text, "logprobs": logprobs,
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(o.logprobs, len(echo))
+                if body.echo:
+                    first = state.tokenizer.decode(r.prompt_token_ids[:1])
+                    echoed = completion_logprobs(r.prompt_logprobs[1:], 0, first_token=first)
+                    logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
+            choices.append({"index": i * body.n + o.index, "text": echo + o.text, "logprobs": logprobs,
                             "finish_reason": o.finish_reason})
     _log_done(state, rid, results, [c["text"] for c in choices])
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model,

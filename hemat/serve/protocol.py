@@ -6,10 +6,13 @@ temperature), unknown fields are errors that name the field. hemat accepts a few
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hemat.infer.constraints import Guide
 
 MAX_N = 16  # choices per request; each is a full generation, so keep one request from filling the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -98,16 +101,72 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is required with type json_schema, and only then")
+        return self
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = None  # an earlier assistant turn's reasoning (DeepSeek's field name)
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages make tool calls, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message needs the id of the call it answers")
         return self
 
     def text(self) -> str:
@@ -135,6 +194,11 @@ class _Sampling(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # tinier values overflow the logits
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # EBNF (xgrammar's dialect of GBNF)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +219,26 @@ class _Sampling(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
+
+    def guide(self) -> Guide | None:
+        """The constraint on the output, from response_format or one of the guided_* fields."""
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise APIError(400, f"{given[1]}: give one output constraint, not {' and '.join(given)}", param=given[1])
+        if not given:
+            return None
+        if given[0] == "response_format":
+            if fmt.type == "json_object":
+                return Guide("json_object")
+            return Guide("json_schema", fmt.json_schema.json_schema or {"type": "object"},
+                         "response_format.json_schema.schema")
+        kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar"}[given[0]]
+        return Guide(kind, getattr(self, given[0]), given[0])
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -179,6 +263,9 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
@@ -194,19 +281,36 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_messages(self) -> list[dict]:
+        """Messages as chat templates expect them (Hugging Face's convention: call arguments as objects)."""
         out = []
         for m in self.messages:
             message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.reasoning_content is not None:
                 message["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                    for c in m.tool_calls]
+            if m.role == "tool":
+                message["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    message["name"] = m.name
             out.append(message)
         return out
+
+    def active_tools(self) -> list[dict]:
+        """The tools the model may call (none when tool_choice is "none"), as template dicts."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [{"type": "function", "function": t.function.model_dump(exclude_none=True, by_alias=True)}
+                for t in self.tools]
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint; 0 with echo scores the prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top alternatives per token
+    echo: bool = False  # the prompt comes back before the completion, with its logprobs when logprobs is set
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
@@ -215,6 +319,8 @@ class CompletionRequest(_Sampling):
                 raise ValueError("prompt: must not be an empty list")
             if isinstance(self.prompt[0], list) and any(not p for p in self.prompt):
                 raise ValueError("prompt: token id lists must not be empty")
+        if self.echo and self.stream:
+            raise ValueError("echo: not supported with stream (send stream false to get the prompt back)")
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"prompt: {len(self.prompts())} prompts x n={self.n} is more than {MAX_CHOICES} choices")
         return self
@@ -225,6 +331,13 @@ class CompletionRequest(_Sampling):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _surrogate_path(value, path: str) -> str | None:
@@ -292,13 +405,21 @@ def chat_logprobs(entries: list) -> list[dict]:
     ]
 
 
-def completion_logprobs(entries: list, text_offset: int) -> dict:
-    """Engine TokenLogprobs -> the legacy completions `logprobs` object; offsets count from text_offset."""
+def completion_logprobs(entries: list, text_offset: int, first_token: str | None = None) -> dict:
+    """Engine TokenLogprobs -> the legacy completions `logprobs` object; offsets count from text_offset.
+    first_token: an echoed prompt's first token, which has no logprob (null, as OpenAI reports it)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if first_token is not None:
+        for key, value in zip(out, (first_token, None, None, text_offset)):
+            out[key].append(value)
+        text_offset += len(first_token)
     for e in entries:
         out["tokens"].append(e.token)
         out["token_logprobs"].append(_logprob(e.logprob))
-        out["top_logprobs"].append({t: _logprob(lp) for _, t, lp in e.top})
+        top: dict[str, float] = {}
+        for _, t, lp in e.top:  # most likely first: where two ids print alike, the likelier one's logprob stays
+            top.setdefault(t, _logprob(lp))
+        out["top_logprobs"].append(top)
         out["text_offset"].append(text_offset)
         text_offset += len(e.token)
     return out
