@@ -34,6 +34,7 @@ from hemat.infer.cache import PagedCache
 from hemat.infer.constraints import Grammars
 from hemat.infer.cuda_graphs import BucketedDecode
 from hemat.infer.outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprob
+from hemat.infer.quantize import prepare_for_inference
 from hemat.infer.reasoning import REASONING, ReasoningSplitter
 from hemat.infer.sampling import SamplingParams, gather_logprobs, make_generator, sample, stop_token_set
 from hemat.infer.speculative import MTPDrafter
@@ -183,6 +184,7 @@ class Engine:
                  cuda_graphs: str = "auto"):
         if device is not None:
             model.to(device)
+        model = prepare_for_inference(model)  # the inference forms; `model` itself stays as it was
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.device = model.device
