@@ -305,7 +305,7 @@ class _Builder:
                 for e, (gate_up, down) in enumerate(zip(module.gate_up_proj.detach(), module.down_proj.detach()))])
         if isinstance(module, MLAttention):
             return self.mla(name, module) if self.fits(*module.parameters()) else module
-        if type(module) is nn.Linear:
+        if isinstance(module, nn.Linear):  # FP8Linear too: in eval it is an ordinary linear
             return self.linear(name, module.weight, module.bias) if self.fits(module.weight) else module
         return None
 
