@@ -668,7 +668,8 @@ class Engine:
         out = dict(self.counters, running=len(self.running), prefilling=len(self.prefilling), waiting=waiting,
                    pages_total=self.cache.num_pages, pages_free=alloc.num_free, page_size=self.page_size,
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
-                   speculative_depth=self.spec_depth,
+                   speculative_depth=self.spec_depth, weight_format=self.model.weight_format,
+                   weight_bytes=self.model.weight_bytes,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:

@@ -371,3 +371,21 @@ def weight_bytes(model: nn.Module) -> int:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
+
+
+# ---- command-line use ----------------------------------------------------------------------------------
+def add_quantize_arguments(parser) -> None:
+    """--quantize and --group-size, for the commands that load a model to run it."""
+    parser.add_argument("--quantize", choices=FORMATS, default=None,
+                        help="weight-only int8 (per channel) or int4 (per group) at load time, CPU only "
+                        "(default: the checkpoint's own format, else its dtype)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+
+
+def prepare_loaded(model, quantize: str | None, group_size: int = 128):
+    """A model from from_pretrained prepared for inference in `quantize`, or by default in the int8/int4
+    format its checkpoint was stored in (model.quantization), else in its dtype."""
+    stored = getattr(model, "quantization", None)
+    if quantize is None and stored is not None:
+        quantize, group_size = stored["format"], stored["group_size"] or group_size
+    return prepare_for_inference(model, quantize, group_size)

@@ -91,6 +91,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.quantization: dict | None = None  # {"format", "group_size"} of an int8/int4 checkpoint (hf.py)
         self.init_weights()
 
     @property
