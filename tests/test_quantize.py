@@ -194,3 +194,14 @@ def test_weight_bytes_shrink_with_the_format():
     model = model_of(llama_config(hidden_size=128, intermediate_size=256))
     sizes = {w: prepare_for_inference(model, w, group_size=32).weight_bytes for w in (None, "int8", "int4")}
     assert sizes[None] > 2 * sizes["int8"] and sizes["int8"] > sizes["int4"]
+
+
+def test_engine_stats_and_metrics_report_the_weight_format():
+    from hemat.serve.metrics import _EngineCollector
+
+    model = prepare_for_inference(model_of(llama_config()), "int8")
+    stats = Engine(model, max_batch_size=1, page_size=4).stats()
+    assert stats["weight_format"] == "int8" and stats["weight_bytes"] == model.weight_bytes
+    families = {f.name: f for f in _EngineCollector(lambda: stats).collect()}
+    assert families["hemat_engine_weight_bytes"].samples[0].value == model.weight_bytes
+    assert families["hemat_engine_weight_format"].samples[0].labels == {"format": "int8"}
