@@ -1,6 +1,6 @@
 """The alternative code paths added for speed, each against the straightforward computation it replaces:
-grouped experts with their own backward, pairwise experts at decode, the folded MLA decode, packed and
-derived weights (and their invalidation when a trainer changes the weights), the RoPE tables."""
+grouped experts with their own backward, the router's group masking, the RoPE tables, the MLA training
+projection. The inference forms (folded MLA, fused MLP, packed weights) are tested in test_quantize.py."""
 
 import math
 
@@ -8,9 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hemat.infer.cache import PagedCache
-from hemat.infer.engine import Engine
-from hemat.infer.sampling import SamplingParams
 from hemat.model import dense
 from hemat.model.config import ModelConfig
 from hemat.model.rope import RotaryEmbedding, apply_rope
@@ -57,17 +54,6 @@ def test_grouped_cpu_experts_match_the_loop_forward_and_backward():
     assert grads[1][2][1].abs().max() == 0 and grads[1][3][1].abs().max() == 0
 
 
-def test_pairwise_experts_at_decode_match_the_sorted_path():
-    moe = tiny_model().moe_layers()[0]
-    x = torch.randn(3, 48)
-    weights, ids, counts, _ = routed(moe, x)
-    with torch.no_grad():
-        assert ids.numel() <= moe.experts.FEW_PAIRS
-        pairwise = moe.experts(x, weights, ids)  # few pairs, no grad: one by one
-    expected = moe.experts(x, weights, ids, counts)  # grad enabled: the sorted grouped path
-    assert (pairwise - expected).abs().max() <= 1e-5
-
-
 def test_router_group_masking_matches_masked_fill():
     router = tiny_model(n_group=3, topk_group=2).moe_layers()[0].gate
     with torch.no_grad():
@@ -105,83 +91,6 @@ def test_rope_tables_rotate_like_the_pairwise_formula(interleaved):
         tables = rotary(positions)
     assert tables[2].shape == (2, 6, config.rope_dim, config.rope_dim)  # inference: one matrix per token
     assert (apply_rope(x, *tables, interleaved=interleaved) - expected).abs().max() <= 1e-6
-
-
-def decode_with_paged_cache(model, ids: torch.Tensor) -> torch.Tensor:
-    """Prefill 6 tokens, then decode the rest one at a time through a PagedCache → logits [B, T, V]."""
-    b, t = ids.shape
-    cache = PagedCache(model.config, num_pages=20, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
-    tables = [[1 + i + b * j for j in range(8)] for i in range(b)]
-    pieces = []
-    with torch.inference_mode():
-        for start, n in [(0, 6)] + [(s, 1) for s in range(6, t)]:
-            positions = cache.begin_step(tables, [start] * b, [n] * b)
-            pieces.append(model(ids[:, start : start + n], positions=positions, cache=cache))
-    return torch.cat(pieces, dim=1)
-
-
-def test_folded_and_unfolded_mla_decode_equal_the_full_forward():
-    model = tiny_model()
-    assert all(layer.self_attn.fold for layer in model.model.layers)
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(ids)
-    folded = decode_with_paged_cache(model, ids)
-    for layer in model.model.layers:
-        layer.self_attn.fold = False
-    unfolded = decode_with_paged_cache(model, ids)
-    assert (folded - full).abs().max() <= 1e-4 and (unfolded - full).abs().max() <= 1e-4
-
-
-def test_inference_copies_of_weights_follow_changes_and_respect_the_budget(monkeypatch):
-    model = tiny_model()
-    mlp = model.model.layers[0].mlp
-    x = torch.randn(4, 48)
-
-    def plain():
-        return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-
-    with torch.no_grad():
-        assert (mlp(x) - plain()).abs().max() <= 1e-5  # through the kept transposed copies
-        kept = dense.transposed(mlp, "down", mlp.down_proj.weight)
-        mlp.up_proj.weight.mul_(2)  # an in-place change moves the version counter: rebuilt
-        assert (mlp(x) - plain()).abs().max() <= 1e-5
-        assert dense.transposed(mlp, "down", mlp.down_proj.weight) is kept  # unchanged sources: kept
-    optimizer = torch.optim.AdamW(mlp.parameters(), lr=0.1, fused=True)
-    mlp(x).sum().backward()
-    optimizer.step()  # no version bump from the fused kernel...
-    dense.weights_changed()  # ...so the trainer announces the change
-    with torch.no_grad():
-        assert (mlp(x) - plain()).abs().max() <= 1e-5
-        monkeypatch.setattr(dense, "DERIVED_BUDGET_BYTES", 0)
-        dense.weights_changed()
-        assert dense.transposed(mlp, "gate_up", mlp.gate_proj.weight, mlp.up_proj.weight) is None
-        assert (mlp(x) - plain()).abs().max() == 0  # past the budget: the plain path
-        logits = decode_with_paged_cache(model, torch.randint(0, 96, (2, 9)))  # every path without copies
-    assert logits.shape == (2, 9, 96)
-
-
-def test_derived_weights_follow_optimizer_steps_through_the_engine():
-    """A fused AdamW step does not move version counters; the trainer's weights_changed() must make the
-    engine's folded attention weights follow (GRPO rollouts share the model being trained)."""
-    model = tiny_model()
-    prompt = torch.randint(2, 96, (7,), generator=torch.Generator().manual_seed(3)).tolist()
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    engine = Engine(model, max_batch_size=2, page_size=4, speculative="off")
-    engine.generate([prompt], params)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
-    model.train()
-    model(torch.randint(0, 96, (2, 10))).logsumexp(-1).sum().backward()
-    optimizer.step()
-    dense.weights_changed()
-    model.eval()
-    engine = Engine(model, max_batch_size=2, page_size=4, speculative="off")  # no prefix pages from before
-    out = engine.generate([prompt], params)[0].outputs[0].token_ids
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert out == ids[len(prompt):]
 
 
 def test_additive_mask_is_converted_once_per_mask():

@@ -15,7 +15,7 @@ from hemat.infer.cache import PagedCache
 from hemat.infer.cuda_graphs import BucketedDecode
 from hemat.infer.engine import Engine
 from hemat.infer.sampling import SamplingParams
-from hemat.model import dense, fp8
+from hemat.model import fp8
 from hemat.model.config import ModelConfig
 from hemat.model.mla import _probe_sdpa_backend, attention_with, causal_attention, sdpa_backend
 from hemat.model.transformer import CausalLM
@@ -300,10 +300,7 @@ def test_graphs_are_dropped_when_the_weights_change():
     assert steps._weights_key() == key
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # an optimizer step that moves the version counter
-    moved = steps._weights_key()
-    assert moved != key
-    dense.weights_changed()  # fused optimizers do not move it; the trainer says so instead
-    assert steps._weights_key() != moved
+    assert steps._weights_key() != key
 
 
 # ---- the benchmark script itself ---------------------------------------------------------------------

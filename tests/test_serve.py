@@ -291,7 +291,9 @@ def test_completions_streaming_and_not(server):
 def test_models_and_health(server):
     client = server.client()
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
-    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    card = client.models.retrieve(MODEL_NAME)
+    assert card.id == MODEL_NAME
+    assert card.model_extra["weight_format"] == "float32" and card.model_extra["weight_bytes"] > 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
@@ -451,6 +453,7 @@ def test_metrics(server):
     assert m["hemat_queue_depth"] == 0 and m["hemat_requests_running"] == 0
     assert 0 <= m["hemat_cache_usage_ratio"] <= 1 and m["hemat_engine_pages_total"] > 0
     assert m["hemat_cost_usd_total"] > 0
+    assert m['hemat_engine_weight_format{format="float32"}'] == 1 and m["hemat_engine_weight_bytes"] > 0
 
 
 def test_mid_stream_failure_is_an_error_event(random_checkpoint):

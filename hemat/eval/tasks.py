@@ -290,6 +290,8 @@ def write_results(out_dir: str | Path, summary: dict, results: dict[str, TaskRes
 
 
 def add_command(subparsers) -> set[str]:
+    from hemat.infer.quantize import add_quantize_arguments
+
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a model: math, HumanEval, multiple choice, bits per byte",
@@ -315,6 +317,7 @@ def add_command(subparsers) -> set[str]:
                         help="tokens scored per window for bpb past the context (default: half the context)")
     parser.add_argument("--device", help="torch device (default: cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    add_quantize_arguments(parser)
     parser.set_defaults(func=_eval_command)
     return {"eval"}
 
@@ -346,12 +349,14 @@ def _settings_from_args(args: argparse.Namespace) -> EvalSettings:
 def _eval_command(args: argparse.Namespace) -> None:
     settings = _settings_from_args(args)
     specs = parse_task_specs(args.tasks)
+    from hemat.infer.quantize import prepare_loaded
     from hemat.model.hf import from_pretrained
     from hemat.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     model_dir = resolve_model_source(args.model)
-    model = from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+    model = prepare_loaded(from_pretrained(model_dir, device=args.device, dtype=args.dtype), args.quantize,
+                           args.group_size)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise HematError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hemat.errors import HematError
+from hemat.infer.quantize import add_quantize_arguments
 from hemat.model.hub import resolve_model_source
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -46,6 +47,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
+    add_quantize_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -88,10 +90,12 @@ def _load_engine(args):
 
     import hemat
     from hemat.infer.engine import Engine
+    from hemat.infer.quantize import prepare_loaded
 
     model_dir = resolve_model_source(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = hemat.from_pretrained(model_dir, device=device, dtype=args.dtype)
+    device = args.device or ("cpu" if args.quantize or not torch.cuda.is_available() else "cuda")
+    model = prepare_loaded(hemat.from_pretrained(model_dir, device=device, dtype=args.dtype), args.quantize,
+                           args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
     context = model.config.max_position_embeddings
     params = _sampling_params(args, model_dir)

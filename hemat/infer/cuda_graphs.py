@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from hemat.infer.cache import PagedCache
-from hemat.model import dense
 
 MIN_SPAN = 256  # the smallest attended-span bucket, in tokens
 
@@ -95,8 +94,7 @@ class BucketedDecode:
         return self.model.logits(hidden[:, 0])
 
     def _weights_key(self) -> tuple:
-        # fused optimizers update in place without moving version counters: dense's generation covers them
-        return (dense._generation, *((t.data_ptr(), t._version) for t in self.tensors))
+        return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
     def _graph(self, key: tuple[int, int]) -> _Graph | None:
         weights = self._weights_key()

@@ -34,6 +34,7 @@ from hemat.infer.cache import PagedCache
 from hemat.infer.constraints import Grammars
 from hemat.infer.cuda_graphs import BucketedDecode
 from hemat.infer.outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprob
+from hemat.infer.quantize import prepare_for_inference
 from hemat.infer.reasoning import REASONING, ReasoningSplitter
 from hemat.infer.sampling import SamplingParams, gather_logprobs, make_generator, sample, stop_token_set
 from hemat.infer.speculative import MTPDrafter
@@ -183,6 +184,7 @@ class Engine:
                  cuda_graphs: str = "auto"):
         if device is not None:
             model.to(device)
+        model = prepare_for_inference(model)  # the inference forms; `model` itself stays as it was
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.device = model.device
@@ -666,7 +668,8 @@ class Engine:
         out = dict(self.counters, running=len(self.running), prefilling=len(self.prefilling), waiting=waiting,
                    pages_total=self.cache.num_pages, pages_free=alloc.num_free, page_size=self.page_size,
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
-                   speculative_depth=self.spec_depth,
+                   speculative_depth=self.spec_depth, weight_format=self.model.weight_format,
+                   weight_bytes=self.model.weight_bytes,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:

@@ -4,7 +4,6 @@ attention of Llama, Qwen2 and Qwen3."""
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,62 +46,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_inference(x):
-            gate_up = transposed(self, "gate_up", self.gate_proj.weight, self.up_proj.weight)
-            down = transposed(self, "down", self.down_proj.weight)
-            if gate_up is not None and down is not None:
-                gate, up = (x @ gate_up).chunk(2, dim=-1)  # both projections in one matmul
-                return (F.silu(gate) * up) @ down
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-# ---- weights derived for inference ---------------------------------------------------------------------
-DERIVED_BUDGET_BYTES = 1 << 30  # derived copies of all live models together; past it, the plain paths run
-_derived_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner module → bytes it keeps
-_generation = 0  # bumped by weights_changed()
-
-
-def cpu_inference(x: torch.Tensor) -> bool:
-    return x.is_cpu and not torch.is_grad_enabled()
-
-
-def weights_changed() -> None:
-    """Tell derived() that parameters changed in place without their version counters moving (fused
-    optimizer kernels do that): the trainer calls it after every optimizer step. The stale derived
-    tensors are dropped at once, so a training process does not keep them."""
-    global _generation
-    _generation += 1
-    for owner in list(_derived_bytes.keys()):
-        owner.__dict__.pop("_derived", None)
-    _derived_bytes.clear()
-
-
-def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor | None:
-    """build() (a tensor computed from `sources`, at most twice their size: e.g. two weight matrices
-    multiplied together for inference), kept on `owner` and rebuilt when a source moves, is modified in
-    place or weights_changed(). None when it could take all derived tensors past DERIVED_BUDGET_BYTES."""
-    key = (_generation, *((t.data_ptr(), t._version, t.dtype) for t in sources))
-    cache = owner.__dict__.setdefault("_derived", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        cache.pop(name, None)
-        kept = sum(t.numel() * t.element_size() for _, t in cache.values() if t is not None)
-        bound = 2 * sum(t.numel() * t.element_size() for t in sources)
-        value = None
-        if sum(_derived_bytes.values()) - _derived_bytes.get(owner, 0) + kept + bound <= DERIVED_BUDGET_BYTES:
-            with torch.no_grad():
-                value = build()
-            kept += value.numel() * value.element_size()
-        _derived_bytes[owner] = kept
-        hit = cache[name] = (key, value)
-    return hit[1]
-
-
-def transposed(owner: nn.Module, name: str, *weights: torch.Tensor) -> torch.Tensor | None:
-    """The weights' rows concatenated, as a contiguous [in, out] matrix: on CPU, MKL multiplies a few rows
-    by it 20-30% faster than by the transposed view F.linear uses, and two projections of one input
-    become one matmul."""
-    return derived(owner, name, weights, lambda: torch.cat(weights).t().contiguous())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

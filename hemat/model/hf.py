@@ -6,7 +6,9 @@ which transformers, vLLM and SGLang all read; in memory they are stacked (see mo
 
 DeepSeek-V3's own FP8 layout is read and written too: each projection weight stored as float8_e4m3fn with
 a float32 `<weight>_scale_inv` per block of `quantization_config.weight_block_size` (weight ≈ fp8 ·
-scale_inv), everything else in bf16. It is dequantised tensor by tensor while loading."""
+scale_inv), everything else in bf16. So are weight-only int8/int4 checkpoints in compressed-tensors'
+pack-quantized layout (pack_quantized.py). Both are dequantised tensor by tensor while loading; a
+pack-quantized model remembers its format in `model.quantization` so that inference quantizes it again."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hemat.errors import HematError
-from hemat.model import fp8
+from hemat.model import fp8, pack_quantized
 from hemat.model.config import ModelConfig
 from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.model.transformer import CausalLM
@@ -36,7 +38,7 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # save_pretrained formats: a dtype for every tensor, or DeepSeek-V3's block FP8 projections
-FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": None}
+FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": None, "int8": None, "int4": None}
 SCALE_SUFFIX = "_scale_inv"
 # the projections DeepSeek-V3 stores in FP8; MTP's eh_proj, the router, embeddings and head stay bf16
 _FP8_PROJECTION = re.compile(r"(?<!\.eh)_proj(_with_mqa)?\.weight$")
@@ -98,7 +100,11 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
     config = read_checkpoint_config(path)
     files = _weight_files(path, source if is_hub_id(source) else path)
     raw = json.loads((path / "config.json").read_text())
-    block = _fp8_block(raw.get("quantization_config"), path)
+    quantization = raw.get("quantization_config") or {}
+    packed = None
+    if quantization.get("quant_method") == "compressed-tensors":
+        packed = pack_quantized.read_quantization(quantization, f"{path / 'config.json'}: quantization_config")
+    block = None if packed else _fp8_block(quantization, path)
     # the model in memory is dequantised: its config must not claim otherwise when saved again
     config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
     dtype = parse_dtype(dtype) or parse_dtype(raw.get("dtype") or raw.get("torch_dtype")) or torch.float32
@@ -108,6 +114,8 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
         keys = {k: h for h in handles for k in h.keys()}
         scales = _fp8_scales(keys, block, {k: f for f, h in zip(files, handles) for k in h.keys()})
         keys = {k: h for k, h in keys.items() if not k.endswith(SCALE_SUFFIX)}
+        if packed:
+            keys = pack_quantized.dequantizing_keys(keys, packed[0], path)
         n = config.num_hidden_layers
         if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
             config = config.replace(num_nextn_predict_layers=0)
@@ -118,6 +126,7 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
         model.to_empty(device=device)
         _load_state(model, keys, path, scales, block)
     model.reset_buffers()  # to_empty left the non-persistent buffers uninitialised
+    model.quantization = None if packed is None else {"format": packed[0], "group_size": packed[1]}
     return model.eval()
 
 
@@ -304,12 +313,13 @@ def fp8_state_dict(state: dict[str, torch.Tensor], block: tuple[int, int] = (fp8
 
 
 def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    format: str | None = None) -> None:
+                    format: str | None = None, group_size: int = 128) -> None:
     """Write the checkpoint atomically: everything goes into a temporary directory beside `path`,
     is fsynced, and replaces `path` by a rename, so a crash never leaves a half-written checkpoint.
     Files already in `path` that the checkpoint does not write (a tokenizer, hemat.json) are kept.
     format: None keeps the model's dtype, "bf16"/"fp32" cast every tensor, "fp8" writes DeepSeek-V3's
-    block FP8 layout (see fp8_state_dict) with its quantization_config."""
+    block FP8 layout (see fp8_state_dict) with its quantization_config, "int8"/"int4" compressed-tensors'
+    pack-quantized layout (int4 in groups of `group_size` inputs; see pack_quantized.py)."""
     if format not in (None, *FORMATS):
         raise CheckpointError(f"checkpoint format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -328,6 +338,10 @@ def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = DE
             state, dtype = fp8_state_dict(state), torch.bfloat16
             config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                              "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+        elif format in pack_quantized.FORMATS:
+            dtype = model.dtype
+            state = pack_quantized.compress_state(state, format, group_size, dtype)
+            config["quantization_config"] = pack_quantized.quantization_config(format, group_size)
         elif format:
             state = {k: v.to(dtype) for k, v in state.items()}
         config["dtype"] = str(dtype).removeprefix("torch.")

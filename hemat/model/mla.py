@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hemat.model.config import ModelConfig
-from hemat.model.dense import RMSNorm, additive_mask, attend, derived, transposed
+from hemat.model.dense import RMSNorm, additive_mask, attend
 from hemat.model.rope import apply_rope
 
 
@@ -47,12 +47,9 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
-        # fold W_UK into the query projection and W_UV into o_proj at inference while that at most doubles them
-        self.fold = self.kv_rank + self.rope_dim <= 2 * qk and self.kv_rank <= 2 * self.v_dim
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        inference = not torch.is_grad_enabled()
         if self.q_rank:
             q_in, latent, k_pe = self._down_project(x).split([self.q_rank, self.kv_rank, self.rope_dim], dim=-1)
             q_in = self.q_a_layernorm(q_in)
@@ -61,9 +58,6 @@ class MLAttention(nn.Module):
             latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope(k_pe[:, :, None], *rope, interleaved=self.interleaved)[:, :, 0]
-        folded = self._folded_weights() if cache is not None and inference and self.fold else None
-        if folded is not None:
-            return self._folded(q_in, latent, k_pe, rope, cache, folded)
         q = (self.q_b_proj if self.q_rank else self.q_proj)(q_in)
         q_nope, q_pe = q.view(b, t, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved)
@@ -75,17 +69,10 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(b, t, -1))
 
     def _down_project(self, x: torch.Tensor) -> torch.Tensor:
-        """[q_a(x) ; kv_a_proj_with_mqa(x)] as one matmul (training: over the weights concatenated, so
-        the gradient splits back; CPU inference: a kept transposed copy; else, or when a projection
-        computes in FP8 (fp8.py), two matmuls)."""
-        weights = (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
-        if torch.is_grad_enabled():
-            if type(self.q_a_proj) is type(self.kv_a_proj_with_mqa) is nn.Linear:
-                return F.linear(x, torch.cat(weights))
-            return torch.cat((self.q_a_proj(x), self.kv_a_proj_with_mqa(x)), dim=-1)
-        fused = transposed(self, "down", *weights) if x.is_cpu else None
-        if fused is not None:
-            return x @ fused
+        """[q_a(x) ; kv_a_proj_with_mqa(x)] as one matmul over the weights concatenated (the gradient splits
+        back), or two matmuls when a projection computes in FP8 (fp8.py)."""
+        if type(self.q_a_proj) is type(self.kv_a_proj_with_mqa) is nn.Linear:
+            return F.linear(x, torch.cat((self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)))
         return torch.cat((self.q_a_proj(x), self.kv_a_proj_with_mqa(x)), dim=-1)
 
     def _expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
@@ -103,58 +90,25 @@ class MLAttention(nn.Module):
         # per head: q_latent[h] = q_nope[h] · W_UK[h], as one batched matmul over the heads
         q_latent = torch.bmm(q_nope.reshape(b * t, h, -1).transpose(0, 1), w_uk).transpose(0, 1)
         q = torch.cat((q_latent.reshape(b, t, h, -1), q_pe), dim=-1)
-        out_latent = self._attend_latent(q, latent, k_pe, mask)  # [B, T*H, r]
+        out_latent = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T*H, r]
         out = torch.bmm(out_latent.view(b * t, h, -1).transpose(0, 1), w_uv.transpose(1, 2))
         return out.transpose(0, 1).reshape(b, t, h, self.v_dim)
-
-    def _folded(self, q_in, latent, k_pe, rope, cache, folded) -> torch.Tensor:
-        """The cached path at inference with W_UK folded into the query projection and W_UV into o_proj:
-        per head the projection yields [q_nope · W_UK ; q_pe] directly, and o_proj reads P · c_KV."""
-        b, t, _ = q_in.shape
-        w_q, w_o = folded
-        q = (q_in @ w_q).view(b, t, self.n_heads, -1)
-        q_pe = q[..., self.kv_rank :]
-        q_pe.copy_(apply_rope(q_pe, *rope, interleaved=self.interleaved))
-        latent, k_pe, mask = cache.update(self.layer_idx, latent, k_pe)
-        out_latent = self._attend_latent(q, latent, k_pe, mask)
-        return out_latent.view(b, t, -1) @ w_o
-
-    def _attend_latent(self, q, latent, k_pe, mask) -> torch.Tensor:
-        """q [B,T,H,r+rope] against the one key [c_KV ; k_pe] [B,S,r+rope] all heads share → P · c_KV [B,T*H,r]."""
-        b, t, h, d = q.shape
-        kv = _joined(latent, k_pe)
-        scores = torch.baddbmm(additive_mask(mask, h, q.dtype), q.reshape(b, t * h, d), kv.transpose(1, 2),
-                               alpha=self.scale)
-        if scores.dtype != torch.float32:  # the softmax in fp32
-            return torch.bmm(scores.float().softmax(dim=-1).to(latent.dtype), latent)
-        return torch.bmm(scores.softmax(dim=-1), latent)
 
     def _kv_b_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj per head: W_UK [H, nope, r] and W_UV [H, v, r] (views)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """W_q' [q_in, H (r + rope)]: per head (W_UKᵀ · W_q,nope ; W_q,pe)ᵀ; W_o' [H r, hidden]: per head
-        (W_o,h · W_UV[h])ᵀ, both contiguous. Derived from the parameters, rebuilt when they change."""
-        q_proj = self.q_b_proj if self.q_rank else self.q_proj
-        sources = (q_proj.weight, self.kv_b_proj.weight, self.o_proj.weight)
-        h, width, q_in = self.n_heads, self.kv_rank + self.rope_dim, q_proj.weight.shape[1]
 
-        def build():
-            w_uk, w_uv = self._kv_b_heads()
-            w_q = q_proj.weight.view(h, self.nope_dim + self.rope_dim, -1)
-            q_latent = torch.bmm(w_uk.transpose(1, 2), w_q[:, : self.nope_dim])  # [H, r, q_in]
-            folded_q = torch.cat((q_latent, w_q[:, self.nope_dim :]), dim=1).flatten(0, 1).t()
-            w_o = self.o_proj.weight.view(-1, h, self.v_dim).transpose(0, 1)  # [H, hidden, v]
-            folded_o = torch.bmm(w_o, w_uv).transpose(1, 2).flatten(0, 1)  # [H r, hidden]
-            return torch.cat((folded_q.flatten(), folded_o.flatten()))
-
-        flat = derived(self, "folded", sources, build)
-        if flat is None:
-            return None
-        split = q_in * h * width
-        return flat[:split].view(q_in, h * width), flat[split:].view(h * self.kv_rank, -1)
+def attend_latent(q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """q [B,T,H,r+rope] against the one key [c_KV ; k_pe] [B,S,r+rope] all heads share → P · c_KV [B,T*H,r]."""
+    b, t, h, d = q.shape
+    kv = _joined(latent, k_pe)
+    scores = torch.baddbmm(additive_mask(mask, h, q.dtype), q.reshape(b, t * h, d), kv.transpose(1, 2), alpha=scale)
+    if scores.dtype != torch.float32:  # the softmax in fp32
+        return torch.bmm(scores.float().softmax(dim=-1).to(latent.dtype), latent)
+    return torch.bmm(scores.softmax(dim=-1), latent)
 
 
 def _joined(latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:

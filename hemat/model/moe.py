@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemat.model.config import ModelConfig
-from hemat.model.dense import MLP, cpu_inference, derived
+from hemat.model.dense import MLP
 
 
 def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -104,21 +104,13 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H], routing weights and expert ids [N, k], counts [E] (tokens per expert, or None) → [N, H]."""
-        inference = cpu_inference(x) and not torch.is_autocast_enabled("cpu")
-        stacked = self.transposed_weights() if inference else None
-        if stacked is not None and ids.numel() <= self.FEW_PAIRS:
-            return self.pairwise(x, weights, ids, *stacked)
         if counts is None:
             counts = expert_counts(ids, self.gate_up_proj.shape[0])
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)
         token_of = order // top_k
         routed = x[token_of]
-        if stacked is not None:  # both grouped matmuls over the kept [E, in, out] copies
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(routed, stacked[0], offs=offsets).chunk(2, dim=-1)
-            expert_out = torch._grouped_mm(F.silu(gate) * up, stacked[1], offs=offsets)
-        elif routed.is_cuda:
+        if routed.is_cuda:
             expert_out = self.grouped(routed, counts)
         elif torch.is_autocast_enabled("cpu"):  # F.linear follows autocast; the grouped matmuls would not
             expert_out = self.looped(routed, counts)
@@ -126,33 +118,6 @@ class RoutedExperts(nn.Module):
             expert_out = self.grouped_cpu(routed, counts)
         expert_out = expert_out * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
-
-    FEW_PAIRS = 8  # up to this many (token, expert) pairs, CPU inference runs them one by one
-
-    def transposed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """gate_up [E, hidden, 2i] and down [E, i, hidden], contiguous copies kept for CPU inference (see
-        dense.transposed), or None past the budget for derived weights."""
-        def build():
-            return torch.cat([w.transpose(1, 2).flatten() for w in (self.gate_up_proj, self.down_proj)])
-
-        flat = derived(self, "stacked", (self.gate_up_proj, self.down_proj), build)
-        if flat is None:
-            return None
-        e, two_i, h = self.gate_up_proj.shape
-        split = e * two_i * h
-        return flat[:split].view(e, h, two_i), flat[split:].view(e, two_i // 2, h)
-
-    def pairwise(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor) -> torch.Tensor:
-        """Each (token, expert) pair through its expert's weights, with no sorting and no grouped matmul
-        over mostly empty groups (decoding a few sequences)."""
-        out = torch.zeros_like(x)
-        for row, (experts, gates) in enumerate(zip(ids.tolist(), weights.tolist())):
-            token, acc = (x, out) if len(x) == 1 else (x[row : row + 1], out[row : row + 1])
-            for expert, gate in zip(experts, gates):
-                gate_proj, up = torch.mm(token, gate_up[expert]).chunk(2, dim=-1)
-                acc.add_(torch.mm(F.silu(gate_proj) * up, down[expert]), alpha=gate)
-        return out
 
     def looped(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One matmul per expert over its contiguous block of tokens (the reference for the other paths)."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemat.model.config import ModelConfig
-from hemat.model.dense import MLP, GQAttention, RMSNorm, cpu_inference, transposed
+from hemat.model.dense import MLP, GQAttention, RMSNorm
 from hemat.model.mla import MLAttention
 from hemat.model.moe import MoE
 from hemat.model.rope import RotaryEmbedding
@@ -91,6 +91,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.quantization: dict | None = None  # {"format", "group_size"} of an int8/int4 checkpoint (hf.py)
         self.init_weights()
 
     @property
@@ -104,8 +105,7 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = transposed(self, "lm_head", self.output_weight()) if cpu_inference(hidden) else None
-        return F.linear(hidden, self.output_weight()) if weight is None else hidden @ weight
+        return F.linear(hidden, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
 
     def forward(self, input_ids, positions=None, cache=None, return_mtp: bool = False):
         hidden = self.model(input_ids, positions, cache)

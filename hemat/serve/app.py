@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hemat.errors import HematError
+from hemat.infer.quantize import add_quantize_arguments, prepare_loaded
 from hemat.infer.sampling import SamplingParams
 from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.serve.auth import ApiKeyMiddleware, BodyLimitMiddleware
@@ -155,7 +156,8 @@ def _add_routes(app: FastAPI) -> None:
 
     def model_card() -> dict:
         return {"id": settings.served_model_name, "object": "model", "created": state.created,
-                "owned_by": "hemat", "max_model_len": engine.max_context}
+                "owned_by": "hemat", "max_model_len": engine.max_context,
+                "weight_format": engine.model.weight_format, "weight_bytes": engine.model.weight_bytes}
 
     @app.get("/v1/models", summary="the served model")
     async def list_models():
@@ -507,6 +509,7 @@ def add_command(subparsers) -> set[str]:
     p.add_argument("--log-prompts", action="store_true", help="log prompts and outputs (off by default)")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_quantize_arguments(p)
     p.add_argument("--speculative", choices=("auto", "off"), default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -565,7 +568,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"hemat serve: warning: binding {args.host} without an API key: anyone who can reach this "
               "port can use the model (set --api-key or HEMAT_API_KEY)", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+    model = prepare_loaded(hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype), args.quantize,
+                           args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative)
     app = create_app(engine, tokenizer, settings)

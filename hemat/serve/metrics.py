@@ -89,6 +89,11 @@ class _EngineCollector:
             if isinstance(value, (int, float)):
                 name = "hemat_engine_" + re.sub(r"[^a-zA-Z0-9_]+", "_", str(key)).strip("_").lower()
                 yield GaugeMetricFamily(name, f"engine.stats()[{key!r}]", value=float(value))
+        if isinstance(stats.get("weight_format"), str):
+            info = GaugeMetricFamily("hemat_engine_weight_format", "the served weights' format (value 1)",
+                                     labels=["format"])
+            info.add_metric([stats["weight_format"]], 1.0)
+            yield info
         total, free = stats.get("pages_total"), stats.get("pages_free")
         if isinstance(total, (int, float)) and isinstance(free, (int, float)) and total > 0:
             yield GaugeMetricFamily("hemat_cache_usage_ratio", "fraction of KV cache pages in use",

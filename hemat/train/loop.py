@@ -29,7 +29,6 @@ from tqdm import tqdm
 from hemat import cost
 from hemat.errors import HematError
 from hemat.model import fp8
-from hemat.model.dense import weights_changed
 from hemat.model.transformer import CausalLM
 from hemat.train import checkpoint, parallel
 from hemat.train.config import TrainConfig
@@ -322,7 +321,6 @@ class Trainer:
         if math.isfinite(losses["objective"]) and math.isfinite(grad_norm):
             self.nonfinite = 0
             self.optimizer.step()
-            weights_changed()  # fused optimizers update in place without moving version counters
             if loads is not None:
                 self._update_router_biases(loads)
                 record["load_imbalance"] = {name: round(v, 4) for name, v in zip(self.moe_names, host[n + 2:])}

@@ -1,0 +1,391 @@
+"""Inference forms of a built model, applied from outside as module swaps (the way torchao's `quantize_`
+and PEFT's adapters are applied): `prepare_for_inference(model, weights)` returns a model whose
+projections are replaced by their inference forms, leaving the reference model untouched (it shares
+the modules no form replaces: embeddings, norms, routers). A swap is a pure function of the weights at
+the time it is applied, so training never sees these forms and nothing has to be invalidated.
+
+The forms, by weight format:
+- None: the weights copied once as contiguous [in, out] matrices (on CPU, MKL multiplies a few rows by
+  them 20-30% faster than by the transposed view F.linear uses), within COPY_BUDGET_BYTES; past it the
+  reference modules stay.
+- "int8": weight-only, symmetric, one scale per output channel (PyTorch's `_weight_int8pack_mm`).
+- "int4": weight-only, asymmetric, one scale and zero point per group of `group_size` inputs
+  (PyTorch's `_weight_int4pack_mm_for_cpu`, the tinygemm layout: w = (q - 8) · scale + zero).
+Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32.
+
+Every layout also gets the structural inference forms: the SwiGLU gate and up projections as one
+matrix (FusedMLP), routed experts as one FusedMLP per expert, and MLA with W_UK folded into the query
+projection and W_UV into o_proj where that at most doubles them (FoldedMLA), so the cache stores only
+(c_KV, k_pe) and the projections that remain are plain linears to quantize."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemat.errors import HematError
+from hemat.model.dense import MLP
+from hemat.model.mla import MLAttention, attend_latent
+from hemat.model.moe import RoutedExperts
+from hemat.model.rope import apply_rope
+
+FORMATS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel takes
+KERNEL_ROWS = 16  # the packed kernels are fast for a few rows and slow for many: longer inputs run in chunks
+COPY_BUDGET_BYTES = 1 << 30  # transposed fp copies of one model, at most
+COMPUTE_DTYPE = torch.bfloat16  # the packed kernels' activation dtype (their fp32 paths are ~10x slower)
+
+
+class QuantizationError(HematError):
+    """A weight format, group size or model that cannot be quantized; the message names the value."""
+
+
+# ---- quantizers (round to nearest) ---------------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] → (q int8 [out, in], scale fp32 [out]): w ≈ q · scale, symmetric per output channel."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] → (q uint8 in 0..15 [out, in], scale fp32 [out, in/g], zero point uint8 [out, in/g]):
+    w ≈ (q - zero_point) · scale, min-max per group of g inputs (the range always holds 0, so zeros stay exact)."""
+    out_features, in_features = weight.shape
+    w = weight.detach().float().view(out_features, in_features // group_size, group_size)
+    low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    zero_point = (-low / scale).round().clamp(0, 15)
+    q = ((w / scale[..., None]).round() + zero_point[..., None]).clamp(0, 15)
+    return q.view(out_features, in_features).to(torch.uint8), scale, zero_point.to(torch.uint8)
+
+
+# ---- linear forms: each has in_features, out_features, forward and dequantized() -----------------------
+class DenseLinear(nn.Module):
+    """y = x · W + b over a contiguous [in, out] copy of the weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_t", weight.detach().t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+
+class PackedLinear(nn.Module):
+    """Shared by the packed forms: bf16 activations through `kernel`, KERNEL_ROWS rows per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        if rows.shape[0] <= KERNEL_ROWS:
+            y = self.kernel(rows)
+        else:
+            y = torch.cat([self.kernel(chunk) for chunk in rows.split(KERNEL_ROWS)])
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(PackedLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight, bias)
+        q, scale = quantize_int8(weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
+
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight, self.scale)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
+
+
+class Int4Linear(PackedLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
+        super().__init__(weight, bias)
+        self.group_size = group_size
+        q, scale, zero_point = quantize_int4(weight, group_size)
+        self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+        # tinygemm's form: w = (q - 8) · scale + zero, zero = (8 - zero_point) · scale; [in/g, out, 2]
+        zero = (8 - zero_point.float()) * scale
+        self.register_buffer("scales_and_zeros", torch.stack((scale, zero), dim=-1).transpose(0, 1)
+                             .contiguous().to(COMPUTE_DTYPE))
+
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_packed, self.group_size,
+                                                          self.scales_and_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        q = unpack_int4(self.weight_packed, self.out_features, self.in_features).float()
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, in/g] each
+        g = self.group_size
+        return ((q.view(self.out_features, -1, g) - 8) * scale[..., None] + zero[..., None]).flatten(1)
+
+
+def unpack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The 0..15 values [out, in] of `_convert_weight_to_int4pack_for_cpu`'s layout: rows in blocks of 64,
+    byte [c, j] of a block holding rows j (low nibble) and j + 32 (high) of input c; the last
+    out % 64 rows as one block whose byte [c, j] holds rows 2j (low) and 2j + 1 (high)."""
+    full = out_features // 64 * 64
+    parts = []
+    if full:
+        block = packed[:full].reshape(full // 64, in_features, 32)
+        parts.append(torch.cat((block & 15, block >> 4), dim=-1).transpose(1, 2).reshape(full, in_features))
+    rest = out_features - full
+    if rest:
+        block = packed[full:].reshape(in_features, rest // 2)
+        parts.append(torch.stack((block & 15, block >> 4), dim=-1).reshape(in_features, rest).t())
+    return torch.cat(parts)
+
+
+# ---- structural forms ----------------------------------------------------------------------------------
+class FusedMLP(nn.Module):
+    """SwiGLU with the gate and up projections as one linear: down(silu(gate) * up)."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class InferenceExperts(nn.Module):
+    """The routed experts as one FusedMLP each, run over the tokens routed to them (RoutedExperts'
+    interface: x [N, H], routing weights and ids [N, k] → [N, H])."""
+
+    def __init__(self, experts: list[FusedMLP]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts=None) -> torch.Tensor:
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // ids.shape[1]
+        routed = x[token_of]
+        out = torch.empty_like(routed)
+        start = 0
+        for expert, n in enumerate(torch.bincount(flat, minlength=len(self.experts)).tolist()):
+            if n:
+                out[start : start + n] = self.experts[expert](routed[start : start + n])
+                start += n
+        out *= weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+class FoldedMLA(nn.Module):
+    """MLA at inference, always in its absorbed form (MLAttention.absorbed, with a causal mask when there
+    is no cache). `down` computes [q_a(x) ; kv_a(x)] (or kv_a(x) alone) in one matmul. With `folded`, W_UK
+    sits inside the query projection (per head: [q_nope · W_UK ; q_pe] at once) and W_UV inside o_proj;
+    otherwise the per-head W_UK [H, nope, r] and W_UV [H, v, r] are applied between them."""
+
+    def __init__(self, attn: MLAttention, down: nn.Module, q_proj: nn.Module, o_proj: nn.Module,
+                 w_uk: torch.Tensor | None, w_uv: torch.Tensor | None):
+        super().__init__()
+        self.layer_idx, self.n_heads, self.scale = attn.layer_idx, attn.n_heads, attn.scale
+        self.q_rank, self.kv_rank, self.rope_dim = attn.q_rank, attn.kv_rank, attn.rope_dim
+        self.nope_dim, self.v_dim, self.interleaved = attn.nope_dim, attn.v_dim, attn.interleaved
+        self.down, self.q_proj, self.o_proj = down, q_proj, o_proj
+        self.q_a_layernorm = attn.q_a_layernorm if attn.q_rank else None
+        self.kv_a_layernorm = attn.kv_a_layernorm
+        self.register_buffer("w_uk", w_uk)
+        self.register_buffer("w_uv", w_uv)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.q_rank:
+            q_in, latent, k_pe = self.down(x).split([self.q_rank, self.kv_rank, self.rope_dim], dim=-1)
+            q_in = self.q_a_layernorm(q_in)
+        else:
+            q_in = x
+            latent, k_pe = self.down(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe[:, :, None], *rope, interleaved=self.interleaved)[:, :, 0]
+        q = self.q_proj(q_in).view(b, t, self.n_heads, -1)
+        if self.w_uk is None:
+            q_latent, q_pe = q.split([self.kv_rank, self.rope_dim], dim=-1)
+        else:
+            q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+            q_latent = torch.bmm(q_nope.reshape(b * t, self.n_heads, -1).transpose(0, 1), self.w_uk)
+            q_latent = q_latent.transpose(0, 1).reshape(b, t, self.n_heads, -1)
+        q = torch.cat((q_latent, apply_rope(q_pe, *rope, interleaved=self.interleaved)), dim=-1)
+        if cache is None:
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
+        else:
+            latent, k_pe, mask = cache.update(self.layer_idx, latent, k_pe)
+        out = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T*H, r]
+        if self.w_uv is not None:
+            out = torch.bmm(out.view(b * t, self.n_heads, -1).transpose(0, 1), self.w_uv.transpose(1, 2))
+            out = out.transpose(0, 1)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+# ---- the swap ------------------------------------------------------------------------------------------
+class _Builder:
+    """Makes the linear forms of one prepare_for_inference call; keeps the fp copies within the budget."""
+
+    def __init__(self, weights: str | None, group_size: int):
+        self.weights, self.group_size = weights, group_size
+        self.copied = 0
+        self.fallbacks: list[str] = []
+
+    def fits(self, *tensors: torch.Tensor) -> bool:
+        """For the fp layout: whether copies of these tensors fit the budget (and count them if so)."""
+        if self.weights is not None:
+            return True
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self.copied + size > COPY_BUDGET_BYTES:
+            return False
+        self.copied += size
+        return True
+
+    def linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+        if self.weights is None:
+            return DenseLinear(weight, bias)
+        if self.weights == "int8":
+            return Int8Linear(weight, bias)
+        out_features, in_features = weight.shape
+        if in_features % self.group_size:
+            raise QuantizationError(f"int4 group size {self.group_size} does not divide the input dimension "
+                                    f"{in_features} of {name} (choose one of {GROUP_SIZES} that does)")
+        if out_features % 16:  # the packed int4 layout tiles outputs by 16
+            self.fallbacks.append(f"{name} ({out_features} outputs)")
+            return Int8Linear(weight, bias)
+        return Int4Linear(weight, bias, self.group_size)
+
+    def mlp(self, name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> FusedMLP:
+        return FusedMLP(self.linear(f"{name}.gate_up_proj", torch.cat((gate, up))),
+                        self.linear(f"{name}.down_proj", down))
+
+    def mla(self, name: str, attn: MLAttention) -> FoldedMLA:
+        h, r, rope, nope, v = attn.n_heads, attn.kv_rank, attn.rope_dim, attn.nope_dim, attn.v_dim
+        q_proj = attn.q_b_proj if attn.q_rank else attn.q_proj
+        kv_b = attn.kv_b_proj.weight.detach().view(h, nope + v, r)
+        w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]
+        down_weights = (attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight) if attn.q_rank else \
+            (attn.kv_a_proj_with_mqa.weight,)
+        down = self.linear(f"{name}.q_a_kv_a_proj", torch.cat(down_weights).detach())
+        # fold W_UK into the query projection and W_UV into o_proj while that at most doubles them
+        if not (r + rope <= 2 * (nope + rope) and r <= 2 * v):
+            return FoldedMLA(attn, down, self.linear(f"{name}.q_proj", q_proj.weight),
+                             self.linear(f"{name}.o_proj", attn.o_proj.weight),
+                             w_uk.contiguous().clone(), w_uv.contiguous().clone())
+        # per head: rows [W_UKᵀ · W_q,nope ; W_q,pe] of the query projection, columns W_o,h · W_UV[h] of o_proj
+        w_q = q_proj.weight.detach().view(h, nope + rope, -1)
+        folded_q = torch.cat((torch.bmm(w_uk.transpose(1, 2), w_q[:, :nope]), w_q[:, nope:]), dim=1).flatten(0, 1)
+        w_o = attn.o_proj.weight.detach().view(-1, h, v).transpose(0, 1)  # [H, hidden, v]
+        folded_o = torch.bmm(w_o, w_uv).transpose(0, 1).flatten(1)  # [hidden, H r]
+        return FoldedMLA(attn, down, self.linear(f"{name}.q_proj_folded", folded_q),
+                         self.linear(f"{name}.o_proj_folded", folded_o), None, None)
+
+    def form(self, name: str, module: nn.Module) -> nn.Module | None:
+        """The inference form of `module`, or None to keep it (and look inside)."""
+        if isinstance(module, MLP):
+            weights = (module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight)
+            return self.mlp(name, *weights) if self.fits(*weights) else module
+        if isinstance(module, RoutedExperts):
+            if not self.fits(module.gate_up_proj, module.down_proj):
+                return module
+            return InferenceExperts([
+                FusedMLP(self.linear(f"{name}.{e}.gate_up_proj", gate_up), self.linear(f"{name}.{e}.down_proj", down))
+                for e, (gate_up, down) in enumerate(zip(module.gate_up_proj.detach(), module.down_proj.detach()))])
+        if isinstance(module, MLAttention):
+            return self.mla(name, module) if self.fits(*module.parameters()) else module
+        if isinstance(module, nn.Linear):  # FP8Linear too: in eval it is an ordinary linear
+            return self.linear(name, module.weight, module.bias) if self.fits(module.weight) else module
+        return None
+
+
+def prepare_for_inference(model, weights: str | None = None, group_size: int = 128):
+    """A copy of `model` (a CausalLM) with its projections in their inference forms (see the module
+    docstring); the modules no form replaces are shared with `model`, which is left as it was. A model
+    that is already prepared comes back as it is when `weights` agrees. → the prepared model, with
+    `weight_format` ("int8", "int4" or its dtype's name) and `weight_bytes`."""
+    if weights is not None and weights not in FORMATS:
+        raise QuantizationError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
+    if weights == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    prepared = getattr(model, "weight_format", None)
+    if prepared is not None:
+        if weights in (None, prepared):
+            return model
+        raise QuantizationError(f"this model is already prepared with {prepared} weights; "
+                                f"start from the unquantized model to make {weights} weights")
+    if weights is not None and model.device.type != "cpu":
+        raise QuantizationError(f"int8/int4 weights have packed kernels on CPU only in hemat for now; "
+                                f"the model is on {model.device} (load it with --device cpu)")
+    builder = _Builder(weights, group_size)
+    out = _shell_copy(model)
+    with torch.no_grad():
+        _swap(out, "", builder)
+        if out.lm_head is None:  # tied: the head gets its own inference form; the embedding stays
+            out.lm_head = builder.linear("lm_head", model.model.embed_tokens.weight) \
+                if builder.fits(model.model.embed_tokens.weight) else None
+    if builder.fallbacks:
+        print(f"hemat: int4 needs outputs in multiples of 16; int8 instead for {', '.join(builder.fallbacks)}")
+    out.weight_format = weights or str(model.dtype).removeprefix("torch.")
+    out.weight_bytes = weight_bytes(out)
+    return out
+
+
+def _shell_copy(module: nn.Module) -> nn.Module:
+    """A new module tree with the same parameters and buffers (no tensor is copied)."""
+    new = copy.copy(module)
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new._modules = {name: None if child is None else _shell_copy(child) for name, child in module._modules.items()}
+    return new
+
+
+def _swap(module: nn.Module, prefix: str, builder: _Builder) -> None:
+    for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
+        form = builder.form(path, child)
+        if form is None:
+            _swap(child, f"{path}.", builder)
+        elif form is not child:
+            setattr(module, name, form)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, each tensor once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = list(module._parameters.values()) + [
+            b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ---- command-line use ----------------------------------------------------------------------------------
+def add_quantize_arguments(parser) -> None:
+    """--quantize and --group-size, for the commands that load a model to run it."""
+    parser.add_argument("--quantize", choices=FORMATS, default=None,
+                        help="weight-only int8 (per channel) or int4 (per group) at load time, CPU only "
+                        "(default: the checkpoint's own format, else its dtype)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+
+
+def prepare_loaded(model, quantize: str | None, group_size: int = 128):
+    """A model from from_pretrained prepared for inference in `quantize`, or by default in the int8/int4
+    format its checkpoint was stored in (model.quantization), else in its dtype."""
+    stored = getattr(model, "quantization", None)
+    if quantize is None and stored is not None:
+        quantize, group_size = stored["format"], stored["group_size"] or group_size
+    return prepare_for_inference(model, quantize, group_size)
