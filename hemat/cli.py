@@ -25,6 +25,7 @@ COMMANDS = {
     "export-gguf": ("hemat.model.gguf_io", "write a model as a GGUF file for llama.cpp (f16, q8_0, q4_0)"),
     "params": ("hemat.model.params", "parameter counts: total, active, embedding, MTP"),
     "convert": ("hemat.model.convert", "rewrite a checkpoint as fp32, bf16 or block-FP8 safetensors"),
+    "merge": ("hemat.model.adapter_io", "fold a LoRA adapter into its base model and write a full checkpoint"),
     "speedrun": ("hemat.speedrun", "the whole pipeline on a preset, with a report card"),
 }
 
