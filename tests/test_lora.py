@@ -47,7 +47,8 @@ def test_hemat_adapter_loads_in_peft_with_the_same_logits(base, tmp_path):
     # peft (0.21) on transformers 5 reads "gate_proj"/"up_proj"/"down_proj" in a DeepSeek adapter as the pre-v5
     # per-expert names and rewrites them into the fused experts: DeepSeek's dense MLPs stay out of this check
     targets = MLA_TARGETS + ("experts",) if kind == "deepseek_v3" else None
-    names = add_adapters(model, LoraConfig(rank=4, alpha=8, rslora=kind == "qwen2", targets=targets))
+    names = add_adapters(model, LoraConfig(rank=4, alpha=8, rslora=kind == "qwen2", targets=targets),
+                         base_model=str(path))
     if kind == "deepseek_v3":
         assert "model.layers.1.mlp.experts" in names and "model.layers.1.self_attn.kv_b_proj" in names
     randomize_adapters(model)
@@ -55,7 +56,7 @@ def test_hemat_adapter_loads_in_peft_with_the_same_logits(base, tmp_path):
         ours = model(TOKENS)
         with adapters_disabled(model):
             base_logits = model(TOKENS)
-    save_adapter(model, tmp_path / "adapter", base_model=str(path))
+    save_adapter(model, tmp_path / "adapter")
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
     with torch.no_grad():
         theirs = peft_model(TOKENS).logits

@@ -49,25 +49,31 @@ def _peft_config(model, config: LoraConfig, base_model: str | None) -> dict:
     }
 
 
-def save_adapter(model, path: str | Path, base_model: str | None = None) -> Path:
+def save_adapter(model, path: str | Path) -> Path:
     """Write the model's adapters to the directory `path` atomically (a temporary directory renamed)."""
     from hemat.model.hf import publish_dir
 
-    config = getattr(model, "lora_config", None)
-    if config is None:
-        raise LoraError("the model has no LoRA adapters to save")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        state = {_peft_name(n): p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(model, config, base_model), indent=2) + "\n")
+        write_adapter_files(model, tmp)
         publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_adapter_files(model, directory: Path) -> None:
+    """adapter_config.json and adapter_model.safetensors into an existing directory (checkpoints use it)."""
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise LoraError("the model has no LoRA adapters to save")
+    state = {_peft_name(n): p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_config = _peft_config(model, config, getattr(model, "lora_base", None))
+    (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 
 def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict]:
@@ -100,14 +106,22 @@ def _module_names(keys: list[str], file: Path) -> list[str]:
     return sorted(names)
 
 
+def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    file = Path(path) / WEIGHTS_NAME
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k.replace(".default.", "."): f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for missing or corrupt files
+        raise LoraError(f"{file}: unreadable ({e})") from None
+
+
 def load_adapter(model, path: str | Path) -> LoraConfig:
     """Add the adapter stored in `path` (hemat's or PEFT's) to `model`. Errors name the file and the tensor
     when the adapter was made for another base (a module it lacks, or other shapes)."""
     path = Path(path)
-    config, _ = read_adapter_config(path)
+    config, raw = read_adapter_config(path)
     file = path / WEIGHTS_NAME
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = read_adapter_tensors(path)
     names = _module_names(list(tensors), file)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
@@ -118,21 +132,29 @@ def load_adapter(model, path: str | Path) -> LoraConfig:
     config = LoraConfig(rank=config.rank, alpha=config.alpha, dropout=dropout, rslora=config.rslora,
                         targets=tuple(names))
     try:
-        add_adapters(model, config, names)
-        expected = {_peft_name(n): p for n, p in adapter_state_dict(model).items()}
-        tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
-        for key, param in expected.items():
-            if key not in tensors:
-                raise LoraError(f"{file} has no tensor {key}")
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise LoraError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, this model needs "
-                                f"{tuple(param.shape)}: the adapter was made for another base model")
-            with torch.no_grad():
-                param.copy_(tensors[key])
+        add_adapters(model, config, names, base_model=raw.get("base_model_name_or_path"))
+        load_adapter_state(model, tensors, file)
     except LoraError:
         _remove_adapters(model)
         raise
     return config
+
+
+def load_adapter_state(model, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Copy PEFT-named tensors into the model's adapters, every one of them checked by name and shape."""
+    expected = {_peft_name(n): p for n, p in adapter_state_dict(model).items()}
+    for key, param in expected.items():
+        if key not in tensors:
+            raise LoraError(f"{file} has no tensor {key}")
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise LoraError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, this model needs "
+                            f"{tuple(param.shape)}: the adapter was made for another base model")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise LoraError(f"{file} has tensors for modules this model does not adapt: {', '.join(extra[:4])}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
 
 
 def _remove_adapters(model) -> None:
@@ -141,6 +163,7 @@ def _remove_adapters(model) -> None:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapper.base_layer)
     model.__dict__.pop("lora_config", None)
+    model.__dict__.pop("lora_base", None)
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:

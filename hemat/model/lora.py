@@ -225,9 +225,11 @@ def _check_rank(name: str, module: nn.Module, rank: int) -> None:
         raise LoraError(f"lora.rank {rank} is larger than {name}, whose smallest dimension is {smallest}")
 
 
-def add_adapters(model: nn.Module, config: LoraConfig, names: list[str] | None = None) -> list[str]:
+def add_adapters(model: nn.Module, config: LoraConfig, names: list[str] | None = None,
+                 base_model: str | None = None) -> list[str]:
     """Wrap the modules `config` targets (or exactly `names`) with fresh adapters; freeze the rest of the
-    model. Returns the names wrapped. The config is kept as `model.lora_config`."""
+    model. Returns the names wrapped. The config is kept as `model.lora_config`, and `base_model` (the
+    checkpoint adapted, written into adapter files) as `model.lora_base`."""
     config.validate()
     if any(isinstance(m, ADAPTER_TYPES) for m in model.modules()):
         raise LoraError("the model already has LoRA adapters")
@@ -243,7 +245,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, names: list[str] | None =
         wrapper.train(module.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapper)
-    model.lora_config = config
+    model.lora_config, model.lora_base = config, base_model
     return names
 
 
@@ -299,4 +301,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent), child, wrapper.base_layer)
     dense.weights_changed()
     model.__dict__.pop("lora_config", None)
+    model.__dict__.pop("lora_base", None)
     return model
