@@ -166,6 +166,21 @@ def _remove_adapters(model) -> None:
     model.__dict__.pop("lora_base", None)
 
 
+def load_merged(path: str | Path, device=None, dtype=None):
+    """The base model named by the adapter's base_model_name_or_path, with the adapter merged in."""
+    from hemat.model.hf import from_pretrained
+
+    path = Path(path)
+    _, raw = read_adapter_config(path)
+    base = raw.get("base_model_name_or_path")
+    if not base:
+        raise LoraError(f"{path / CONFIG_NAME} names no base_model_name_or_path; load the base and pass the "
+                        "adapter separately (e.g. hemat generate --model BASE --lora DIR)")
+    model = from_pretrained(base, device, dtype)
+    load_adapter(model, path)
+    return merge_adapters(model)
+
+
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Load `base`, add and merge the adapter, write a full checkpoint (with the base's tokenizer) to `out`."""
     from hemat.model.convert import TOKENIZER_FILES

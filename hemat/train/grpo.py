@@ -46,13 +46,14 @@ from pathlib import Path
 import torch
 
 from hemat.errors import HematError
-from hemat.train.config import ConfigValueError, RunConfig, load_config
+from hemat.model.lora import adapters_disabled, has_adapters
+from hemat.train.config import ConfigValueError, LoraSection, RunConfig, load_config
 from hemat.train.rewards import (
     Problem, Verdict, embedded_problems, load_problems, overlong_penalty, reward, verify,
 )
 from hemat.train.sft import (
-    DEFAULT_CONFIG, add_stage_arguments, inherit_ledger, resolve_stage_config, stage_name, stage_train_config,
-    starting_checkpoint, tokenizer_files,
+    DEFAULT_CONFIG, add_stage_arguments, apply_lora, inherit_ledger, resolve_stage_config, stage_name,
+    stage_train_config, starting_checkpoint, tokenizer_files,
 )
 
 VARIANTS = {
@@ -395,8 +396,10 @@ class RolloutSource:
         t = self.cfg.temperature
         old = (token_logprobs(self.model, *batch[:3], t) if self.cfg.minibatches > 1
                else torch.zeros(rows, width, device=self.device))
-        ref = (token_logprobs(self.reference, *batch[:3], t) if self.reference is not None
-               else torch.zeros(0, device=self.device))
+        ref = torch.zeros(0, device=self.device)
+        if self.reference is not None:
+            with adapters_disabled(self.reference):  # a no-op for a separate reference model
+                ref = token_logprobs(self.reference, *batch[:3], t)
         return (*batch, old, ref)
 
 
@@ -462,7 +465,7 @@ def plot_grpo(records: list[dict], png: str | Path) -> None:
 
 # ---- the stage --------------------------------------------------------------------------------------------
 def load_grpo_config(source: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
-    return load_config(source, overrides, schemas={"grpo": GRPOConfig})
+    return load_config(source, overrides, schemas={"grpo": GRPOConfig, "lora": LoraSection})
 
 
 def load_stage_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -519,9 +522,10 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         raise HematError("grpo runs in one process; launch it without torchrun")
     try:
         model.to(env.device)
+        apply_lora(model, config, model_dir)
         reference = None
-        if cfg.beta > 0 or cfg.log_kl:
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.beta > 0 or cfg.log_kl:  # with LoRA, the model itself with its adapters off: no second copy
+            reference = model if has_adapters(model) else copy.deepcopy(model).eval().requires_grad_(False)
         source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, env.device, score_fn)
         held_out = eval_set(cfg)
 
@@ -560,7 +564,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
 def _grpo_command(args: argparse.Namespace) -> None:
     if args.variant:
         args.overrides.append(f"grpo.variant={args.variant}")
-    config = resolve_stage_config(args, "grpo", {"grpo": GRPOConfig})
+    config = resolve_stage_config(args, "grpo", {"grpo": GRPOConfig, "lora": LoraSection})
     run_grpo(config, args.run, resume=args.resume)
 
 
