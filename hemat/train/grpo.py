@@ -444,7 +444,15 @@ PLOTTED = [("reward", "reward"), ("accuracy", "accuracy (samples)"), ("eval_accu
            ("clip_frac", "clip fraction"), ("entropy", "entropy (nats/token)"), ("loss", "objective")]
 
 
-def plot_grpo(records: list[dict], png: str | Path) -> None:
+def grpo_panels(records: list[dict], off_policy: bool) -> list[tuple[str, str]]:
+    """The panels of PLOTTED that have values: the held-out accuracy only when grpo.eval_problems asked for
+    it, the clip fraction only off-policy (grpo.minibatches > 1): with one update per rollout the ratio is
+    exactly 1 and nothing is ever clipped."""
+    return [(key, title) for key, title in PLOTTED if (key != "clip_frac" or off_policy)
+            and any(r.get(key) is not None for r in records)]
+
+
+def plot_grpo(records: list[dict], png: str | Path, off_policy: bool) -> None:
     import matplotlib
 
     from hemat.report import save_figure
@@ -452,11 +460,15 @@ def plot_grpo(records: list[dict], png: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6), dpi=100)
-    for ax, (key, title) in zip(axes.flat, PLOTTED):
+    panels = grpo_panels(records, off_policy)
+    cols = 4
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(14, 3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", ms=3, lw=1)
+        ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", ms=3, lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -548,7 +560,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
               f"samples per rollout, {cfg.minibatches} step(s) per rollout, {cfg.steps} steps", flush=True)
         result = trainer.fit(resume)
         records = checkpoint.MetricsLog(Path(run_dir) / "metrics.jsonl").records()
-        plot_grpo(records, Path(run_dir) / "grpo.png")
+        plot_grpo(records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
         last = {k: next((r[k] for r in reversed(records) if r.get(k) is not None), None)
                 for k in ("reward", "accuracy", "eval_accuracy")}
         result.update({k: v for k, v in last.items() if v is not None})
