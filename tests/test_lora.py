@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hemat.model.adapter_io import load_adapter, save_adapter
+from hemat.model.adapter_io import load_adapter, merge, save_adapter
 from hemat.model.hf import from_pretrained
 from hemat.model.lora import LoraConfig, LoraError, adapters_disabled, add_adapters, merge_adapters
 from tests.hf_models import make_hf_model
@@ -156,6 +156,10 @@ def test_bad_input_is_named(tmp_path):
     deepseek = make_hf_model("deepseek_v3", tmp_path / "ds") and from_pretrained(tmp_path / "ds")
     with pytest.raises(LoraError, match="adapts modules this model does not have"):
         load_adapter(deepseek, tmp_path / "adapter")
+    # merging into a quantized checkpoint is refused
+    from_pretrained(tmp_path / "llama").save_pretrained(tmp_path / "llama-fp8", format="fp8")
+    with pytest.raises(LoraError, match="llama-fp8 is a quantized checkpoint"):
+        merge(tmp_path / "llama-fp8", tmp_path / "adapter", tmp_path / "merged")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(LoraError, match="use_dora = True is not supported"):

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -62,7 +63,8 @@ class LoraConfig:
 
 class LoraLinear(nn.Module):
     """An nn.Linear (`base_layer`, frozen) plus a trainable low-rank update. The adapter's parameters are
-    float32 whatever the base dtype (as PEFT's autocast_adapter_dtype), so small updates are not lost."""
+    float32 whatever the base dtype (as PEFT's autocast_adapter_dtype), so that AdamW's small updates are
+    not lost; they are computed with in the activations' dtype."""
 
     def __init__(self, base: nn.Linear, config: LoraConfig):
         super().__init__()
@@ -104,9 +106,10 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)
         if not self.enabled:
             return out
-        a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return out + (update * self.scaling).to(out.dtype)
+        # in the activations' dtype: the factors are cast (small), not the input, so a bf16 model keeps
+        # no fp32 copy of every adapted layer's input for the backward pass (peft keeps one)
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return out + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 
 
 class ExpertLora(nn.Module):
@@ -282,9 +285,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, wrapper in adapter_modules(model).items():
         base = wrapper.base_layer
         weights = (base.gate_up_proj, base.down_proj) if isinstance(wrapper, LoraExperts) else (base.weight,)
-        quantized = type(base) not in (nn.Linear, RoutedExperts) or any(
-            type(w) is not nn.Parameter or w.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            for w in weights)
+        quantized = any(type(w) is not nn.Parameter or w.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                        for w in weights)  # a low-bit dtype, or a tensor subclass (torchao's quantized weights)
         if quantized:
             raise LoraError(f"cannot merge the adapter of {name} into its quantized base "
                             f"({type(base).__name__}, {weights[0].dtype}); merge into an unquantized checkpoint")
