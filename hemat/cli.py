@@ -26,6 +26,7 @@ COMMANDS = {
     "params": ("hemat.model.params", "parameter counts: total, active, embedding, MTP"),
     "convert": ("hemat.model.convert", "rewrite a checkpoint as fp32, bf16 or block-FP8 safetensors"),
     "quantize": ("hemat.model.convert", "write a weight-only int8/int4 checkpoint (compressed-tensors)"),
+    "merge": ("hemat.model.adapter_io", "fold a LoRA adapter into its base model and write a full checkpoint"),
     "speedrun": ("hemat.speedrun", "the whole pipeline on a preset, with a report card"),
 }
 

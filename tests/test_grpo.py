@@ -16,7 +16,7 @@ from hemat.tokenizer import load_tokenizer
 from hemat.train.config import ConfigValueError
 from hemat.train.grpo import (
     AGGREGATIONS, GRPOConfig, RolloutSource, Sample, aggregation_weights, generate, group_advantages, grpo_loss,
-    informative_groups, k3_kl, load_grpo_config, prompt_ids, run_grpo, token_losses, token_objective,
+    grpo_panels, informative_groups, k3_kl, load_grpo_config, prompt_ids, run_grpo, token_losses, token_objective,
 )
 from hemat.train.rewards import Problem, Verdict, embedded_problems, reward, verify
 from hf_models import make_hf_model
@@ -205,6 +205,15 @@ def test_grpo_end_to_end_on_deepseek_v3_with_resume(checkpoint, tmp_path):
     assert records[1]["kl"] > 0  # the second minibatch runs on a policy that has moved
     run_grpo(load_grpo_config(run / "config.yaml", FAST + ["grpo.steps=4"]), run, resume="latest", score_fn=score)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+def test_plot_shows_only_panels_that_can_move():
+    records = [{"step": 1, "reward": 0.5, "accuracy": 0.1, "response_length": 9, "kl": 0.0, "clip_frac": 0.0,
+                "entropy": 2.0, "loss": 0.1, "eval_accuracy": None}]
+    on_policy = [key for key, _ in grpo_panels(records, off_policy=False)]
+    assert "clip_frac" not in on_policy and "eval_accuracy" not in on_policy and "reward" in on_policy
+    records.append({"step": 2, "clip_frac": 0.0, "eval_accuracy": 0.25})
+    assert {"clip_frac", "eval_accuracy"} <= {key for key, _ in grpo_panels(records, off_policy=True)}
 
 
 def test_grpo_end_to_end_on_an_imported_qwen2(tmp_path):

@@ -43,6 +43,9 @@ def add_command(subparsers) -> set[str]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="checkpoint directory with tokenizer.json, or a Hub id org/name[@revision]")
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="a LoRA adapter (hemat's or PEFT's adapter_config.json + adapter_model.safetensors) merged "
+                        "into --model's weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",
@@ -94,8 +97,12 @@ def _load_engine(args):
 
     model_dir = resolve_model_source(args.model)
     device = args.device or ("cpu" if args.quantize or not torch.cuda.is_available() else "cuda")
-    model = prepare_loaded(hemat.from_pretrained(model_dir, device=device, dtype=args.dtype), args.quantize,
-                           args.group_size)
+    model = hemat.from_pretrained(model_dir, device=device, dtype=args.dtype)
+    if args.lora:  # prepare_for_inference folds it into the weights: no cost per token
+        from hemat.model.adapter_io import load_adapter
+
+        load_adapter(model, args.lora)
+    model = prepare_loaded(model, args.quantize, args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
     context = model.config.max_position_embeddings
     params = _sampling_params(args, model_dir)

@@ -28,6 +28,7 @@ from torch import nn
 
 from hemat.errors import HematError
 from hemat.model.dense import MLP
+from hemat.model.lora import LoraExperts, LoraLinear
 from hemat.model.mla import MLAttention, attend_latent
 from hemat.model.moe import RoutedExperts
 from hemat.model.rope import apply_rope
@@ -297,16 +298,18 @@ class _Builder:
         if isinstance(module, MLP):
             weights = (module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight)
             return self.mlp(name, *weights) if self.fits(*weights) else module
-        if isinstance(module, RoutedExperts):
-            if not self.fits(module.gate_up_proj, module.down_proj):
+        if isinstance(module, (RoutedExperts, LoraExperts)):  # adapters folded in: W + ΔW
+            gate_ups, downs = module.effective_weights() if isinstance(module, LoraExperts) else \
+                (module.gate_up_proj, module.down_proj)
+            if not self.fits(gate_ups, downs):
                 return module
             return InferenceExperts([
                 FusedMLP(self.linear(f"{name}.{e}.gate_up_proj", gate_up), self.linear(f"{name}.{e}.down_proj", down))
-                for e, (gate_up, down) in enumerate(zip(module.gate_up_proj.detach(), module.down_proj.detach()))])
+                for e, (gate_up, down) in enumerate(zip(gate_ups.detach(), downs.detach()))])
         if isinstance(module, MLAttention):
             return self.mla(name, module) if self.fits(*module.parameters()) else module
-        if isinstance(module, nn.Linear):  # FP8Linear too: in eval it is an ordinary linear
-            return self.linear(name, module.weight, module.bias) if self.fits(module.weight) else module
+        if isinstance(module, (nn.Linear, LoraLinear)):  # FP8Linear too (in eval an ordinary linear); LoRA folded
+            return self.linear(name, module.weight.detach(), module.bias) if self.fits(module.weight) else module
         return None
 
 

@@ -91,12 +91,17 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
     .gguf file (through hemat.model.gguf_io) or a Hub id `org/name[@revision]`. dtype defaults to the
     one in config.json (float32 if none); the router stays in float32 whatever the dtype. Tensors are
     read one at a time into the model built in its final dtype, so loading needs little more memory than
-    the result. A checkpoint without its MTP layers loads as a model without MTP."""
+    the result. A checkpoint without its MTP layers loads as a model without MTP. A LoRA adapter directory
+    (a LoRA run's checkpoint) loads as its base model with the adapter merged in."""
     if str(source).lower().endswith(".gguf"):
         from hemat.model.gguf_io import load_gguf_model
 
         return load_gguf_model(source, device, dtype)
     path = resolve_model_source(source)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from hemat.model.adapter_io import load_merged
+
+        return load_merged(path, device, dtype)
     config = read_checkpoint_config(path)
     files = _weight_files(path, source if is_hub_id(source) else path)
     raw = json.loads((path / "config.json").read_text())

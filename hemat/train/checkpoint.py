@@ -1,6 +1,7 @@
 """Checkpoints and the run directory's record.
 
-`RUN/checkpoints/step-N/` is a Hugging Face checkpoint (config.json, model.safetensors, ...) plus
+`RUN/checkpoints/step-N/` is a Hugging Face checkpoint (config.json, model.safetensors, ...), or in a LoRA
+run the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), plus
 `trainer_state/`: `optimizer.safetensors` (optimizer tensors by parameter name) and `state.json`
 (step, hyperparameters, data position, RNG states, ledger totals). No pickle anywhere: tensors go to
 safetensors, everything else to JSON. A checkpoint is written into a temporary directory, fsynced
@@ -25,7 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hemat.errors import HematError
+from hemat.model import adapter_io
+from hemat.model.adapter_io import write_adapter_files
 from hemat.model.hf import from_pretrained, publish_dir
+from hemat.model.lora import has_adapters
 from hemat.model.transformer import CausalLM
 
 STATE_DIR = "trainer_state"
@@ -71,7 +75,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: CausalLM, optimizer_s
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp-{os.getpid()}"
     try:
-        model.save_pretrained(tmp)
+        if has_adapters(model):  # a LoRA run: the adapter (PEFT's files), the base stays where it is
+            tmp.mkdir()
+            write_adapter_files(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         _write_trainer_state(tmp / STATE_DIR, optimizer_state, trainer_state)
@@ -109,7 +117,8 @@ def _jsonable(value):
 
 # ---- loading ---------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """→ (model state dict, optimizer state dict keyed by parameter name, trainer state)."""
+    """→ (model state dict, optimizer state dict keyed by parameter name, trainer state). A LoRA run's
+    checkpoint gives the adapter's tensors under PEFT's names (adapter_io.load_adapter_state reads them)."""
     path = Path(path)
     state_file = path / STATE_DIR / "state.json"
     if not state_file.is_file():
@@ -120,7 +129,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
         raise CheckpointError(f"{state_file}: not valid JSON ({e})") from None
     if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{state_file}: not a hemat trainer state (format is not {STATE_FORMAT!r})")
-    model_state = from_pretrained(path, dtype=torch.float32).state_dict()
+    if (path / adapter_io.CONFIG_NAME).is_file():
+        model_state = adapter_io.read_adapter_tensors(path)
+    else:
+        model_state = from_pretrained(path, dtype=torch.float32).state_dict()
     optimizer_meta = state.pop("optimizer")
     entries: dict[str, dict] = {name: dict(values) for name, values in optimizer_meta["values"].items()}
     try:

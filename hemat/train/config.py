@@ -47,6 +47,7 @@ class TrainConfig:
     balance_loss_alpha: float = 0.0001  # α: sequence-wise balance loss weight (0 turns it off)
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile each decoder layer
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (less memory)
     fp8: bool = False  # FP8 forward GEMMs with block-wise scaling for the big projections (CUDA sm90; model/fp8.py)
     parallel: str = "ddp"  # ddp | fsdp, when launched on several processes
     device: str = "auto"  # auto | cpu | cuda
@@ -114,6 +115,33 @@ class DataConfig:
     def validate(self) -> None:
         if not self.train_split:
             raise ConfigValueError("data.train_split must not be empty")
+
+
+@dataclass
+class LoraSection:
+    """The `lora:` section of a fine-tuning stage (sft, grpo): rank 0 trains every weight; rank > 0 trains
+    LoRA adapters of that rank on the frozen base (hemat.model.lora), and checkpoints hold the adapter."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    targets: list[str] = field(default_factory=list)  # module-name patterns; empty: the architecture's defaults
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigValueError(f"lora.rank must not be negative (0 turns LoRA off), got {self.rank}")
+        if self.rank and not 0 <= self.dropout < 1:
+            raise ConfigValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def adapter_config(self):
+        """The LoraConfig to apply, or None for full fine-tuning."""
+        from hemat.model.lora import LoraConfig
+
+        if not self.rank:
+            return None
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
+                          targets=tuple(self.targets) or None)
 
 
 SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig}

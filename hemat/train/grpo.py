@@ -46,13 +46,14 @@ from pathlib import Path
 import torch
 
 from hemat.errors import HematError
-from hemat.train.config import ConfigValueError, RunConfig, load_config
+from hemat.model.lora import adapters_disabled, has_adapters
+from hemat.train.config import ConfigValueError, LoraSection, RunConfig, load_config
 from hemat.train.rewards import (
     Problem, Verdict, embedded_problems, load_problems, overlong_penalty, reward, verify,
 )
 from hemat.train.sft import (
-    DEFAULT_CONFIG, add_stage_arguments, inherit_ledger, resolve_stage_config, stage_name, stage_train_config,
-    starting_checkpoint, tokenizer_files,
+    DEFAULT_CONFIG, add_stage_arguments, apply_lora, inherit_ledger, resolve_stage_config, stage_name,
+    stage_train_config, starting_checkpoint, tokenizer_files,
 )
 
 VARIANTS = {
@@ -395,8 +396,10 @@ class RolloutSource:
         t = self.cfg.temperature
         old = (token_logprobs(self.model, *batch[:3], t) if self.cfg.minibatches > 1
                else torch.zeros(rows, width, device=self.device))
-        ref = (token_logprobs(self.reference, *batch[:3], t) if self.reference is not None
-               else torch.zeros(0, device=self.device))
+        ref = torch.zeros(0, device=self.device)
+        if self.reference is not None:
+            with adapters_disabled(self.reference):  # a no-op for a separate reference model
+                ref = token_logprobs(self.reference, *batch[:3], t)
         return (*batch, old, ref)
 
 
@@ -441,7 +444,15 @@ PLOTTED = [("reward", "reward"), ("accuracy", "accuracy (samples)"), ("eval_accu
            ("clip_frac", "clip fraction"), ("entropy", "entropy (nats/token)"), ("loss", "objective")]
 
 
-def plot_grpo(records: list[dict], png: str | Path) -> None:
+def grpo_panels(records: list[dict], off_policy: bool) -> list[tuple[str, str]]:
+    """The panels of PLOTTED that have values: the held-out accuracy only when grpo.eval_problems asked for
+    it, the clip fraction only off-policy (grpo.minibatches > 1): with one update per rollout the ratio is
+    exactly 1 and nothing is ever clipped."""
+    return [(key, title) for key, title in PLOTTED if (key != "clip_frac" or off_policy)
+            and any(r.get(key) is not None for r in records)]
+
+
+def plot_grpo(records: list[dict], png: str | Path, off_policy: bool) -> None:
     import matplotlib
 
     from hemat.report import save_figure
@@ -449,11 +460,15 @@ def plot_grpo(records: list[dict], png: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6), dpi=100)
-    for ax, (key, title) in zip(axes.flat, PLOTTED):
+    panels = grpo_panels(records, off_policy)
+    cols = 4
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(14, 3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", ms=3, lw=1)
+        ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", ms=3, lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -462,7 +477,7 @@ def plot_grpo(records: list[dict], png: str | Path) -> None:
 
 # ---- the stage --------------------------------------------------------------------------------------------
 def load_grpo_config(source: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
-    return load_config(source, overrides, schemas={"grpo": GRPOConfig})
+    return load_config(source, overrides, schemas={"grpo": GRPOConfig, "lora": LoraSection})
 
 
 def load_stage_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -519,9 +534,10 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         raise HematError("grpo runs in one process; launch it without torchrun")
     try:
         model.to(env.device)
+        apply_lora(model, config, model_dir)
         reference = None
-        if cfg.beta > 0 or cfg.log_kl:
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.beta > 0 or cfg.log_kl:  # with LoRA, the model itself with its adapters off: no second copy
+            reference = model if has_adapters(model) else copy.deepcopy(model).eval().requires_grad_(False)
         source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, env.device, score_fn)
         held_out = eval_set(cfg)
 
@@ -544,7 +560,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
               f"samples per rollout, {cfg.minibatches} step(s) per rollout, {cfg.steps} steps", flush=True)
         result = trainer.fit(resume)
         records = checkpoint.MetricsLog(Path(run_dir) / "metrics.jsonl").records()
-        plot_grpo(records, Path(run_dir) / "grpo.png")
+        plot_grpo(records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
         last = {k: next((r[k] for r in reversed(records) if r.get(k) is not None), None)
                 for k in ("reward", "accuracy", "eval_accuracy")}
         result.update({k: v for k, v in last.items() if v is not None})
@@ -560,7 +576,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
 def _grpo_command(args: argparse.Namespace) -> None:
     if args.variant:
         args.overrides.append(f"grpo.variant={args.variant}")
-    config = resolve_stage_config(args, "grpo", {"grpo": GRPOConfig})
+    config = resolve_stage_config(args, "grpo", {"grpo": GRPOConfig, "lora": LoraSection})
     run_grpo(config, args.run, resume=args.resume)
 
 

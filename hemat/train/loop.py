@@ -23,12 +23,16 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
 from hemat import cost
 from hemat.errors import HematError
 from hemat.model import fp8
+from hemat.model.adapter_io import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from hemat.model.adapter_io import load_adapter_state
+from hemat.model.lora import has_adapters
 from hemat.model.transformer import CausalLM
 from hemat.train import checkpoint, parallel
 from hemat.train.config import TrainConfig
@@ -145,6 +149,21 @@ def add_balance_loss(model: CausalLM, loss: torch.Tensor, parts: dict) -> tuple[
     return loss, parts
 
 
+def recompute_in_backward(layer: nn.Module) -> None:
+    """Gradient checkpointing: the layer keeps only its inputs in the forward pass and runs again in the
+    backward pass (torch.utils.checkpoint, non-reentrant; dropout's RNG state is replayed). The MoE
+    layers' token counts see the recomputation too: every expert's load doubles, which the balancing
+    (the sign of each load against the mean) and the logged imbalance (max / mean) ignore."""
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
+
+
 class LossModule(nn.Module):
     """The model and its loss as one module, so that DDP and FSDP see the whole step in forward()."""
 
@@ -194,12 +213,18 @@ class Trainer:
         self.model.train()
         for moe in self.model.moe_layers():
             moe.balance_alpha = config.balance_loss_alpha
+        self.lora = has_adapters(self.model)
+        if self.lora and self.env.distributed and config.parallel == "fsdp":
+            raise HematError("LoRA runs with train.parallel ddp (or in one process), not fsdp")
         if config.mtp_weight == 0:  # untrained MTP layers would be parameters without gradients
             for layer in self.model.mtp_layers:
                 layer.requires_grad_(False)
         if config.fp8:  # before compiling: the compiled layers must see the FP8 modules
             fp8.check_fp8_device(self.env.device)
             fp8.convert_to_fp8(self.model)
+        if config.gradient_checkpointing:
+            for layer in self.model.model.layers:
+                recompute_in_backward(layer)
         if config.compile:
             for layer in self.model.model.layers:
                 layer.compile()
@@ -322,7 +347,8 @@ class Trainer:
             self.nonfinite = 0
             self.optimizer.step()
             if loads is not None:
-                self._update_router_biases(loads)
+                if not self.lora:  # the routers' biases belong to the frozen base
+                    self._update_router_biases(loads)
                 record["load_imbalance"] = {name: round(v, 4) for name, v in zip(self.moe_names, host[n + 2:])}
         else:
             self.nonfinite += 1
@@ -423,7 +449,10 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         model_state, optimizer_state, state = checkpoint.load_checkpoint(path)
-        parallel.load_model_state(self.wrapped, model_state)
+        if self.lora:
+            load_adapter_state(self.model, model_state, path / ADAPTER_WEIGHTS)
+        else:
+            parallel.load_model_state(self.wrapped, model_state)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         parallel.load_optimizer_state(self.wrapped, self.optimizer, optimizer_state)
         for group, settings in zip(self.optimizer.param_groups, configured):

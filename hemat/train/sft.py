@@ -27,7 +27,7 @@ import torch
 
 from hemat.data.jsonl import read_jsonl
 from hemat.errors import HematError
-from hemat.train.config import ConfigValueError, RunConfig, TrainConfig, load_config
+from hemat.train.config import ConfigValueError, LoraSection, RunConfig, TrainConfig, load_config
 
 DEFAULT_CONFIG = "cpu-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -112,6 +112,21 @@ def starting_checkpoint(path: str | Path | None, stage: str) -> Path:
         raise HematError(f"{stage}: give the checkpoint to start from (--model DIR|ORG/NAME or {stage}.model); "
                          f"got {path!r}")
     return resolve_model_source(path)
+
+
+def apply_lora(model, config: RunConfig, model_dir: str | Path) -> None:
+    """The `lora:` section's adapters on the frozen `model` (nothing when lora.rank is 0)."""
+    from hemat.model.lora import add_adapters
+
+    section = config.sections.get("lora")
+    adapter = section.adapter_config() if section else None
+    if adapter is None:
+        return
+    names = add_adapters(model, adapter, base_model=str(Path(model_dir).resolve()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"lora: rank {adapter.rank} on {len(names)} modules, {trainable:,} trainable parameters "
+          f"({100 * trainable / total:.2f}% of {total:,})", flush=True)
 
 
 def stage_name(base: str, run_dir: str | Path, resume: str | None) -> str:
@@ -328,7 +343,7 @@ def sft_loss(model, batch, mtp_weight: float = 0.0, chunk: int = 2048) -> tuple[
 
 # ---- the stage --------------------------------------------------------------------------------------------
 def load_sft_config(source: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
-    return load_config(source, overrides, schemas={"sft": SFTConfig})
+    return load_config(source, overrides, schemas={"sft": SFTConfig, "lora": LoraSection})
 
 
 def run_sft(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | None = None,
@@ -377,6 +392,7 @@ def run_sft(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | N
                   f"{cfg.seq_len}; {tokens:,} assistant tokens"
                   + (f"; {train_rows.truncated} cut to seq_len" if train_rows.truncated else ""), flush=True)
         config.raw["model"] = model.config.to_hf_dict()
+        apply_lora(model, config, model_dir)
         if not resume:
             inherit_ledger(model_dir, run_dir)
         trainer = Trainer(model, train, run_dir, loader, val_batches=val_batches, env=env,
@@ -404,6 +420,8 @@ def resolve_stage_config(args: argparse.Namespace, section: str, schemas: dict) 
     for flag in ("model", "data", "steps"):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{section}.{flag}={getattr(args, flag)}")
+    if args.lora is not None:
+        overrides.append(f"lora.rank={args.lora}")
     return load_config(source, overrides, schemas=schemas)
 
 
@@ -418,12 +436,15 @@ def add_stage_arguments(p: argparse.ArgumentParser, section: str, data_help: str
     p.add_argument("--run-dir", dest="run", default=f"runs/{section}", metavar="DIR",
                    help=f"run directory (default runs/{section})")
     p.add_argument("--steps", type=int, help=f"optimizer steps ({section}.steps)")
+    p.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
+                   help="train LoRA adapters of rank RANK (default 16) on the frozen model instead of every weight "
+                        "(lora.rank; more settings: --set lora.alpha=32, lora.targets=q_proj,v_proj, ...)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the run's newest checkpoint, or from CHECKPOINT (a step-N directory)")
 
 
 def _sft_command(args: argparse.Namespace) -> None:
-    config = resolve_stage_config(args, "sft", {"sft": SFTConfig})
+    config = resolve_stage_config(args, "sft", {"sft": SFTConfig, "lora": LoraSection})
     run_sft(config, args.run, resume=args.resume)
 
 
