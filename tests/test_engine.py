@@ -116,15 +116,14 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     model = tiny_model("deepseek_v3")
     engine = Engine(model, page_size=4, max_prefill_tokens=5)  # prompts prefill (and fill MTP caches) in chunks
     rounds = []
-    run = engine.drafter._run
+    draft = engine.drafter._draft
 
-    def recording_run(seqs, starts, ends, hiddens, toks, draft, **kwargs):
-        drafts, qs = run(seqs, starts, ends, hiddens, toks, draft, **kwargs)
-        if draft:
-            rounds.extend((s, e, d[0]) for s, e, d in zip(seqs, ends, drafts))
+    def recording_draft(seqs, ms, *args):
+        drafts, qs = draft(seqs, ms, *args)
+        rounds.extend((s, m, d[0]) for s, m, d in zip(seqs, ms, drafts.tolist()))
         return drafts, qs
 
-    engine.drafter._run = recording_run
+    engine.drafter._draft = recording_draft
     prompts = [prompt(9, seed=1), prompt(14, seed=2)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
     assert len(rounds) >= 10
@@ -279,7 +278,7 @@ def test_a_full_pool_makes_requests_wait_and_all_complete():
     model = tiny_model("deepseek_v3")
     params = SamplingParams(max_tokens=20, **GREEDY)
     prompts = [prompt(n, seed=n) for n in (10, 14, 8, 12)]
-    engine = Engine(model, page_size=4, cache_tokens=36)  # one request (≤ 14 + 20 + 1 tokens) at a time
+    engine = Engine(model, page_size=4, cache_tokens=40)  # one request (≤ 14 + 20 + 3 draft tokens) at a time
     most_running = []
     outs = []
     for p in prompts:
