@@ -672,6 +672,6 @@ class Engine:
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
-            out.update(spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
+            out.update(spec_rounds=self.drafter.rounds, spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
                        spec_acceptance_rate=self.drafter.acceptance_rate)
         return out

@@ -82,7 +82,7 @@ class MTPDrafter:
                                   or num_speculative_tokens < 1):
             raise HematError(f"num_speculative_tokens must be 'auto' or an integer >= 1, got {num_speculative_tokens!r}")
         self.max_tokens = max(AUTO_MAX_TOKENS, self.depth) if self.adaptive else num_speculative_tokens
-        self.drafted = self.accepted = 0
+        self.rounds = self.drafted = self.accepted = 0  # rounds are counted per sequence
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -150,6 +150,7 @@ class MTPDrafter:
             s.mtp_start = m - d + 1
             if s.chain is not None:
                 s.chain.record(a, ns[i])
+        self.rounds += len(seqs)
         self.drafted += sum(ns)
         self.accepted += sum(accepted)
         return results

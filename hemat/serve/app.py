@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hemat.errors import HematError
+from hemat.infer.cli import draft_tokens_arg
 from hemat.infer.sampling import SamplingParams
 from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.serve.auth import ApiKeyMiddleware, BodyLimitMiddleware
@@ -509,6 +510,8 @@ def add_command(subparsers) -> set[str]:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--speculative", choices=("auto", "off"), default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
+    p.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
+                   help="MTP draft tokens per round: a count, or auto (per sequence from its acceptance; default)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running streams may take to finish after SIGTERM (default 30)")
     p.set_defaults(func=serve_command)
@@ -567,7 +570,8 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
     tokenizer = hemat.load_tokenizer(model_dir)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative,
+                    num_speculative_tokens=args.draft_tokens)
     app = create_app(engine, tokenizer, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)
