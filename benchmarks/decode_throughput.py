@@ -1,13 +1,15 @@
 """Decode throughput: hemat's engine against transformers' `generate` on the same checkpoint.
 
 Builds a random model from a preset (default cpu-tiny), saves it, loads it in both, then alternates the
-two in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on both sides,
-prefill included in the time). Prints wall-clock tokens/s, the ratio (and the ratio of tokens per second
-of process CPU time, less disturbed by other load on a shared machine), KV-cache bytes per token for
-both, and the MTP acceptance rate when the checkpoint carries MTP layers (a random model's drafts are
-rarely right, so speculative decoding is measured apart from the plain comparison).
+contenders in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on all
+sides, prefill included in the time): transformers, hemat's plain decoding and, when the checkpoint
+carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto". Prints
+wall-clock tokens/s, each one's ratio to plain decoding (and the hemat/transformers ratio of tokens per
+second of process CPU time, less disturbed by other load on a shared machine), the draft acceptance and
+tokens per round, and KV-cache bytes per token. A random model's drafts are rarely right: measure MTP
+on a trained checkpoint (the speedrun's `pretrain/checkpoints/step-500`).
 
-    python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--quick]
+    python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--draft-tokens 1,2,3,auto] [--quick]
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds per batch size; the best round of each side is reported, the "
                         "least disturbed by other load on a shared machine")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 is steadier on a shared machine)")
+    parser.add_argument("--draft-tokens", default="1,2,3,auto", help="MTP draft counts to compare with plain decoding")
     parser.add_argument("--quick", action="store_true", help="a short run: 32 new tokens, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -96,33 +100,39 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    drafts = [d if d == "auto" else int(d) for d in args.draft_tokens.split(",")] if model.mtp_layers else []
     hf_kv = None
     for batch in batches:
         prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_tokens), generator=gen)
         engine = Engine(model, max_batch_size=batch, speculative="off")
-        time_hemat(engine, prompts[:, :8], 4)  # warm up both
-        time_hf(reference, prompts[:, :8], 4)
-        hf_rates, hemat_rates = [], []
-        for r in range(args.rounds):
-            order = [("hf", time_hf), ("hemat", time_hemat)]
-            for name, _ in order if r % 2 == 0 else order[::-1]:
-                if name == "hf":
-                    *rates, hf_kv = time_hf(reference, prompts, args.new_tokens)
-                    hf_rates.append(rates)
+        engines = {"plain": engine, **{f"MTP k={d}": Engine(model, max_batch_size=batch, speculative="mtp",
+                                                            num_speculative_tokens=d) for d in drafts}}
+        time_hf(reference, prompts[:, :8], 4)  # warm up every contender
+        for e in engines.values():
+            time_hemat(e, prompts[:, :8], 4)
+        names = ["transformers", *engines]
+        rates = {name: [] for name in names}
+        for r in range(args.rounds):  # rotate the order so that machine drift weighs on every contender
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                if name == "transformers":
+                    *rate, hf_kv = time_hf(reference, prompts, args.new_tokens)
+                    rates[name].append(rate)
                 else:
-                    hemat_rates.append(time_hemat(engine, prompts, args.new_tokens))
-        hf_rate, hf_cpu = (max(r[i] for r in hf_rates) for i in (0, 1))
-        hemat_rate, hemat_cpu = (max(r[i] for r in hemat_rates) for i in (0, 1))
-        print(f"batch {batch:3d}: transformers {hf_rate:9.1f} tok/s | hemat {hemat_rate:9.1f} tok/s | "
-              f"ratio {hemat_rate / hf_rate:5.2f}x  (per CPU second: {hemat_cpu / hf_cpu:5.2f}x)")
-        spec = None
-        if model.mtp_layers:
-            spec = Engine(model, max_batch_size=batch, speculative="auto")
-            rate, _ = time_hemat(spec, prompts, args.new_tokens)
-            stats = spec.stats()
-            print(f"           hemat + MTP speculative {rate:9.1f} tok/s, "
-                  f"acceptance {stats['spec_acceptance_rate']:.1%} "
-                  f"({stats['spec_accepted']}/{stats['spec_drafted']} drafts)")
+                    rates[name].append(time_hemat(engines[name], prompts, args.new_tokens))
+        best = {name: tuple(max(x[i] for x in rates[name]) for i in (0, 1)) for name in names}
+        plain = best["plain"][0]
+        hf_rate, hf_cpu = best["transformers"]
+        print(f"batch {batch:3d}: transformers {hf_rate:9.1f} tok/s | hemat {plain:9.1f} tok/s | "
+              f"ratio {plain / hf_rate:5.2f}x  (per CPU second: {best['plain'][1] / hf_cpu:5.2f}x)")
+        for name in engines:
+            if name == "plain":
+                continue
+            stats = engines[name].stats()
+            rounds = 1 + stats["spec_accepted"] / max(stats["spec_rounds"], 1)
+            print(f"           {name:10s} {best[name][0]:9.1f} tok/s = {best[name][0] / plain:5.2f}x plain "
+                  f"(per CPU second: {best[name][1] / best['plain'][1]:5.2f}x), "
+                  f"acceptance {stats['spec_acceptance_rate']:.1%} ({stats['spec_accepted']}/{stats['spec_drafted']} "
+                  f"drafts), {rounds:.2f} tokens per round")
 
     kv = engine.cache.bytes_per_token
     element = torch.empty(0, dtype=model.dtype).element_size()
@@ -132,8 +142,9 @@ def main() -> None:
         verdict = "equal" if kv == expected else "NOT equal"
         print(f"  (kv_lora_rank {config.kv_lora_rank} + qk_rope_head_dim {config.qk_rope_head_dim}) x "
               f"{config.num_hidden_layers} layers x {element} bytes = {expected:,}: {verdict}")
-        if spec is not None:
-            print(f"  the MTP layer's entries add {spec.cache.mtp_bytes_per_token:,} bytes per token when drafting")
+        if drafts:
+            print(f"  the MTP layer's entries add {engines[f'MTP k={drafts[0]}'].cache.mtp_bytes_per_token:,} bytes "
+                  "per token when drafting")
 
 
 if __name__ == "__main__":

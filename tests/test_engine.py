@@ -2,6 +2,7 @@
 prefix reuse, MTP speculative decoding, text handling (stops, reasoning, streaming), CLI, bad input."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -116,15 +117,14 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     model = tiny_model("deepseek_v3")
     engine = Engine(model, page_size=4, max_prefill_tokens=5)  # prompts prefill (and fill MTP caches) in chunks
     rounds = []
-    run = engine.drafter._run
+    draft = engine.drafter._draft
 
-    def recording_run(seqs, starts, ends, hiddens, toks, draft, **kwargs):
-        drafts, qs = run(seqs, starts, ends, hiddens, toks, draft, **kwargs)
-        if draft:
-            rounds.extend((s, e, d[0]) for s, e, d in zip(seqs, ends, drafts))
+    def recording_draft(seqs, ms, *args):
+        drafts, qs = draft(seqs, ms, *args)
+        rounds.extend((s, m, d[0]) for s, m, d in zip(seqs, ms, drafts.tolist()))
         return drafts, qs
 
-    engine.drafter._run = recording_run
+    engine.drafter._draft = recording_draft
     prompts = [prompt(9, seed=1), prompt(14, seed=2)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
     assert len(rounds) >= 10
@@ -136,24 +136,60 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     assert [o.outputs[0].token_ids for o in outs] == [naive_greedy(model, p, 10) for p in prompts]
 
 
-def test_speculative_sampling_keeps_the_output_distribution():
-    """Draft from the MTP distribution q, verify by rejection sampling: the first two tokens must follow
-    the model's own joint distribution p(t1) p(t2 | t1), whatever q is."""
-    vocab = 6
+def mostly_bigram(model: CausalLM, scale: float) -> CausalLM:
+    """Shrink what every layer adds to the residual stream by `scale` and let each MTP depth read only the
+    next token's embedding: the MTP module then predicts nearly what the main model will (exactly, at
+    scale 0), so long chains of drafts are accepted, while the context still matters."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                param.mul_(scale)
+        hidden = model.config.hidden_size
+        for layer in model.mtp_layers:
+            layer.eh_proj.weight.copy_(torch.cat((torch.eye(hidden), torch.zeros(hidden, hidden)), dim=1))
+    return model
+
+
+@pytest.mark.parametrize("depth, draft_tokens", [(1, 1), (1, 2), (1, 3), (2, 1), (2, 3), (1, "auto")])
+def test_chained_mtp_drafts_keep_greedy_output_token_identical(depth, draft_tokens):
+    """k drafts per round, chained past the MTP depth on the module's own output: whatever is accepted,
+    the output is plain greedy decoding's."""
+    model = mostly_bigram(tiny_model("deepseek_v3", seed=1, num_nextn_predict_layers=depth), scale=0.01)
+    engine = Engine(model, max_batch_size=3, page_size=4, num_speculative_tokens=draft_tokens)
+    prompts = [prompt(n, seed=n) for n in (3, 9, 6, 13)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=15, **GREEDY))
+    assert [o.outputs[0].token_ids for o in outs] == [naive_greedy(model, p, 15) for p in prompts]
+    stats = engine.stats()
+    assert stats["pages_free"] == stats["pages_total"]
+    assert stats["spec_rounds"] > 0
+    if draft_tokens != "auto":
+        assert stats["spec_drafted"] == draft_tokens * stats["spec_rounds"]
+    # some rounds accepted more than one draft, some fewer than all: every path was taken
+    assert stats["spec_rounds"] < stats["spec_accepted"] < stats["spec_drafted"] or draft_tokens == 1
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2])
+def test_speculative_sampling_keeps_the_output_distribution(draft_tokens):
+    """Draft k tokens from the MTP distributions q (chained for k > 1), verify by rejection sampling: the
+    first k + 1 tokens (the prefill's, then one round's) must follow the model's own joint distribution
+    p(t1) p(t2 | t1) ..., whatever q is."""
+    vocab, length = 6, draft_tokens + 1
     model = tiny_model("deepseek_v3", seed=3, vocab_size=vocab, initializer_range=0.5)
     context = [1, 2, 3, 4, 5]
+    joint = torch.ones(1)
     with torch.no_grad():
-        p1 = model(torch.tensor([context]))[0, -1].softmax(-1)
-        p2 = torch.stack([model(torch.tensor([context + [t]]))[0, -1].softmax(-1) for t in range(vocab)])
-    joint = (p1[:, None] * p2).flatten()
-    engine = Engine(model, max_batch_size=200, page_size=4, cache_tokens=2000)
+        for step in range(length):  # joint over every prefix of `step` tokens, in lexicographic order
+            prefixes = list(itertools.product(range(vocab), repeat=step))
+            prefixes = torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), step)
+            nxt = model(torch.cat((torch.tensor(context).expand(len(prefixes), -1), prefixes), 1))[:, -1].softmax(-1)
+            joint = (joint[:, None] * nxt).flatten()
+    engine = Engine(model, max_batch_size=200, page_size=4, cache_tokens=2000, num_speculative_tokens=draft_tokens)
     n = 3000
-    outs = engine.generate([context] * n, [SamplingParams(temperature=1.0, seed=i, max_tokens=2, ignore_eos=True)
+    outs = engine.generate([context] * n, [SamplingParams(temperature=1.0, seed=i, max_tokens=length, ignore_eos=True)
                                            for i in range(n)])
-    counts = torch.zeros(vocab * vocab)
+    counts = torch.zeros(vocab**length)
     for out in outs:
-        t1, t2 = out.outputs[0].token_ids
-        counts[t1 * vocab + t2] += 1
+        counts[sum(t * vocab ** (length - 1 - i) for i, t in enumerate(out.outputs[0].token_ids))] += 1
     expected = joint * n
     big = expected >= 5  # lump rare cells so that the chi-square approximation holds
     observed = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
@@ -161,8 +197,9 @@ def test_speculative_sampling_keeps_the_output_distribution():
     chi2 = float(((observed - expect) ** 2 / expect).sum())
     df = len(observed) - 1
     assert chi2 < df + 3.3 * math.sqrt(2 * df) + 10, (chi2, df)  # far beyond p = 0.001 only if biased
-    rate = engine.stats()["spec_acceptance_rate"]
-    assert 0.05 < rate < 0.95  # both accepting and rejecting paths were taken
+    stats = engine.stats()
+    assert 0.05 < stats["spec_acceptance_rate"] < 0.95  # both accepting and rejecting paths were taken
+    assert stats["spec_drafted"] == draft_tokens * stats["spec_rounds"]
 
 
 # ---- continuous batching, sampling, seeds -------------------------------------------------------------
@@ -279,7 +316,7 @@ def test_a_full_pool_makes_requests_wait_and_all_complete():
     model = tiny_model("deepseek_v3")
     params = SamplingParams(max_tokens=20, **GREEDY)
     prompts = [prompt(n, seed=n) for n in (10, 14, 8, 12)]
-    engine = Engine(model, page_size=4, cache_tokens=36)  # one request (≤ 14 + 20 + 1 tokens) at a time
+    engine = Engine(model, page_size=4, cache_tokens=40)  # one request (≤ 14 + 20 + 3 draft tokens) at a time
     most_running = []
     outs = []
     for p in prompts:

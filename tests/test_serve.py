@@ -404,10 +404,10 @@ def test_disconnect_cancels_and_frees_pages(server):
         lines = r.iter_lines()
         assert next(l for l in lines if l.startswith("data:"))
         next(l for l in lines if '"content"' in l and '"role"' not in l)  # generation is under way
-    # a non-streaming client that gives up is noticed too
+    # a non-streaming client that gives up is noticed too (long before 200 tokens, even at several per round)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body | {"stream": False}, headers=server.headers(),
-                   timeout=httpx.Timeout(5.0, read=0.3))
+                   timeout=httpx.Timeout(5.0, read=0.05))
     gone = 'hemat_requests_total{route="/v1/chat/completions",status="499"}'
     after = wait_for(lambda: (m := server.metrics())["hemat_engine_requests_cancelled"]
                      >= before["hemat_engine_requests_cancelled"] + 2 and m.get(gone) == 1 and m,
@@ -450,6 +450,9 @@ def test_metrics(server):
     assert m["hemat_prompt_tokens_total"] > 0 and m["hemat_completion_tokens_total"] >= 4
     assert m["hemat_time_to_first_token_seconds_count"] >= 1
     assert m["hemat_time_per_output_token_seconds_count"] >= 1
+    # the MTP drafts: rounds, drafted and accepted tokens, and their ratio
+    assert m["hemat_engine_spec_drafted"] >= m["hemat_engine_spec_rounds"] >= 1
+    assert m["hemat_engine_spec_acceptance_rate"] == m["hemat_engine_spec_accepted"] / m["hemat_engine_spec_drafted"]
     assert m["hemat_queue_depth"] == 0 and m["hemat_requests_running"] == 0
     assert 0 <= m["hemat_cache_usage_ratio"] <= 1 and m["hemat_engine_pages_total"] > 0
     assert m["hemat_cost_usd_total"] > 0

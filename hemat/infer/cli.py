@@ -40,6 +40,15 @@ def add_command(subparsers) -> set[str]:
     return {"generate", "chat"}
 
 
+def draft_tokens_arg(text: str) -> int | str:
+    """A command line's --draft-tokens: 'auto' or a count >= 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--draft-tokens must be 'auto' or an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="checkpoint directory with tokenizer.json, or a Hub id org/name[@revision]")
@@ -51,6 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
     add_quantize_arguments(p)
+    p.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
+                   help="MTP draft tokens per round: a count, or auto (per sequence from its acceptance; default)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -107,7 +118,7 @@ def _load_engine(args):
     context = model.config.max_position_embeddings
     params = _sampling_params(args, model_dir)
     engine = Engine(model, tokenizer, max_batch_size=params.n, speculative=args.speculative,
-                    cache_tokens=params.n * (context + 64))  # + room for page rounding and MTP drafts
+                    num_speculative_tokens=args.draft_tokens, cache_tokens=params.n * (context + 64))  # + room for page rounding and MTP drafts
     return engine, params
 
 

@@ -107,6 +107,7 @@ class _Sequence:
         self.num_cached = 0  # positions 0..num_cached-1 are in the cache
         self.hidden: torch.Tensor | None = None  # speculative state (see speculative.py)
         self.mtp_start = 0
+        self.chain = None  # speculative.ChainLength: the sequence's own draft count ("auto")
         self.finish_reason: str | None = None
         self.event_tokens: list[int] = []
         self.event_logprobs: list[TokenLogprob] = []
@@ -181,7 +182,7 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  page_size: int = 16, speculative: str = "auto", device=None, max_prefill_tokens: int = 2048,
-                 cuda_graphs: str = "auto"):
+                 cuda_graphs: str = "auto", num_speculative_tokens: int | str = "auto"):
         if device is not None:
             model.to(device)
         model = prepare_for_inference(model)  # the inference forms; `model` itself stays as it was
@@ -209,7 +210,8 @@ class Engine:
             raise HematError(f"cache_tokens must be at least page_size ({page_size}), got {cache_tokens}")
         self.cache = PagedCache(self.config, math.ceil(cache_tokens / page_size), page_size, model.dtype,
                                 self.device, num_layers)
-        self.drafter = MTPDrafter(model, self.cache) if self.spec_depth else None
+        self.drafter = MTPDrafter(model, self.cache, num_speculative_tokens) if self.spec_depth else None
+        self.spec_tokens = self.drafter.max_tokens if self.drafter is not None else 0  # cache room past the end
         # plain decode rounds at static shapes: recorded as CUDA graphs ("auto" on CUDA, "on"), or run
         # eagerly ("eager", for tests); MTP draft-and-verify rounds stay eager
         capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
@@ -310,7 +312,7 @@ class Engine:
         max_new = params.max_tokens if params.max_tokens is not None else ctx - p
         # the most pages one sample may span when all n fit in the pool at once
         n, shared = params.n, self._shareable_pages(p)
-        fit = (self.cache.num_pages + (n - 1) * shared) // n * self.page_size - p - self.spec_depth
+        fit = (self.cache.num_pages + (n - 1) * shared) // n * self.page_size - p - self.spec_tokens
         if fit < max_new:
             if params.max_tokens is not None or fit < 1:
                 raise EngineRequestError(
@@ -325,7 +327,7 @@ class Engine:
         return max(prompt_len - max(self.spec_depth, 1), 0) // self.page_size
 
     def _pages_needed(self, prompt_len: int, max_new: int, n: int, hits: int) -> int:
-        per_seq = math.ceil((prompt_len + max_new + self.spec_depth) / self.page_size)
+        per_seq = math.ceil((prompt_len + max_new + self.spec_tokens) / self.page_size)
         return per_seq - hits + (n - 1) * (per_seq - self._shareable_pages(prompt_len))
 
     # ---- the scheduler ----------------------------------------------------------------------------------
@@ -668,11 +670,11 @@ class Engine:
         out = dict(self.counters, running=len(self.running), prefilling=len(self.prefilling), waiting=waiting,
                    pages_total=self.cache.num_pages, pages_free=alloc.num_free, page_size=self.page_size,
                    cache_tokens=self.cache.capacity_tokens, kv_bytes_per_token=self.cache.bytes_per_token,
-                   speculative_depth=self.spec_depth, weight_format=self.model.weight_format,
-                   weight_bytes=self.model.weight_bytes,
+                   speculative_depth=self.spec_depth, speculative_tokens=self.spec_tokens,
+                   weight_format=self.model.weight_format, weight_bytes=self.model.weight_bytes,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
-            out.update(spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
+            out.update(spec_rounds=self.drafter.rounds, spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,
                        spec_acceptance_rate=self.drafter.acceptance_rate)
         return out

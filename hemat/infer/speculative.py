@@ -1,40 +1,99 @@
-"""Speculative decoding with the checkpoint's own multi-token-prediction modules (DeepSeek-V3 §2.2, §5.4.3).
+"""Speculative decoding with the checkpoint's own multi-token-prediction modules (DeepSeek-V3 §2.2, §5.4.3),
+chained past their depth as vLLM and SGLang do for DeepSeek-V3's single MTP layer.
 
 Notation for one sequence: x_0..x_m are its tokens so far; x_m (just sampled) is not in the main cache
 yet; h_j is the main model's final normalised hidden state at position j (it predicted x_{j+1}).
 MTP depth k (1..D) at position j reads h^{k-1}_j (h^0 = h) and the embedding of x_{j+k}, attends over
 its own cache (layer num_hidden_layers + k - 1) and predicts x_{j+k+1}.
 
-One round:
+One round with n draft tokens:
   1. draft: every depth runs over positions [mtp_start, m-1]; the output of depth k at m - 1 is draft
-     d_k (a guess for x_{m+k}). Tokens past x_m fed to deeper depths are the drafts themselves.
-  2. verify: one main-model forward over [x_m, d_1..d_D] at positions m..m+D gives the target
-     distributions at D + 1 positions; sampling.verify_draft accepts a prefix of a drafts (greedy:
-     equal to the argmax; sampling: Leviathan-Chen rejection sampling, exact in distribution) and
-     adds one token of its own. The cache then holds positions up to m + a; rejected entries past it
-     are simply overwritten later.
+     d_k (a guess for x_{m+k}). Tokens past x_m fed to deeper depths are the drafts themselves. Past
+     depth D the last depth runs again one position on, on its own output and the last draft: draft
+     d_{D+i} comes from depth D at position m - 1 + i (its own output standing in for h^{D-1}).
+  2. verify: one main-model forward over [x_m, d_1..d_n] at positions m..m+n gives the target
+     distributions at n + 1 positions; a prefix of a drafts is accepted (greedy: equal to the argmax;
+     sampling: Leviathan-Chen rejection sampling, exact in distribution) and one token of the target's
+     own is added. The cache then holds positions up to m + a; entries past it (and the chained
+     drafts' MTP entries) are overwritten before anything reads them.
 Entries of depth k at positions j <= m - k were computed from committed tokens only; the later ones
 read drafts, so the next round recomputes every depth from mtp_start = m - D + 1. The sequence keeps
-the main hidden states from mtp_start on for that (D rows; one for DeepSeek-V3's single depth)."""
+the main hidden states from mtp_start on for that (D rows; one for DeepSeek-V3's single depth).
+
+The number of drafts n is fixed (num_speculative_tokens=N) or chosen per sequence and round ("auto"):
+the longest chain whose drafts the sequence lately accepted whole at least AUTO_MIN_PROBABILITY of the
+time. A batch drafts as many as its longest row; a row verifies only its own."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from hemat.errors import HematError
 from hemat.infer.sampling import gather_logprobs, process_logits, verify_draft
+
+AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
+AUTO_MIN_PROBABILITY = 0.6  # draft j only while all of drafts 1..j are accepted this often
+DECAY = 0.98  # the running acceptance statistics forget at this rate per round
+
+
+def plain_greedy(params) -> bool:
+    """Greedy with nothing that needs per-row Python: the argmax of the raw logits is the token."""
+    return (params.greedy and not params.logprobs and params.repetition_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty)
+
+
+class ChainLength:
+    """One sequence's running acceptance per draft position → how many drafts its next round makes
+    ("auto"). Each sequence keeps its own, so a seeded request drafts (and draws) the same alone or
+    in any batch."""
+
+    def __init__(self, max_tokens: int):
+        self.rounds, self.reached = 0.0, [0.0] * max_tokens  # decayed: rounds, and rounds accepting drafts 1..j+1
+
+    def next(self) -> int:
+        """The longest chain whose drafts are all accepted with probability >= AUTO_MIN_PROBABILITY,
+        estimated from the conditional rate of each position (past the deepest drafted, that one's)."""
+        n, chance, rate = 1, 1.0, 1.0
+        for j in range(len(self.reached)):
+            before = self.rounds if j == 0 else self.reached[j - 1]
+            if before > 0 and (j == 0 or self.reached[j] > 0):
+                rate = self.reached[j] / before
+            chance *= rate
+            if chance < AUTO_MIN_PROBABILITY:
+                break
+            n = j + 1
+        return n
+
+    def record(self, accepted: int, drafted: int) -> None:
+        self.rounds = self.rounds * DECAY + 1
+        for j in range(len(self.reached)):
+            self.reached[j] = self.reached[j] * DECAY + (j < min(accepted, drafted))
 
 
 class MTPDrafter:
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, num_speculative_tokens: int | str = "auto"):
         self.model, self.cache = model, cache
         self.depth = len(model.mtp_layers)
-        self.drafted = self.accepted = 0
+        self.adaptive = num_speculative_tokens == "auto"
+        if not self.adaptive and (isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int)
+                                  or num_speculative_tokens < 1):
+            raise HematError(f"num_speculative_tokens must be 'auto' or an integer >= 1, got {num_speculative_tokens!r}")
+        self.max_tokens = max(AUTO_MAX_TOKENS, self.depth) if self.adaptive else num_speculative_tokens
+        self.rounds = self.drafted = self.accepted = 0  # rounds are counted per sequence
 
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
+
+    def _num_tokens(self, seq) -> int:
+        if not self.adaptive:
+            return self.max_tokens
+        if seq.chain is None:
+            seq.chain = ChainLength(self.max_tokens)
+        return seq.chain.next()
 
     def prefill(self, seqs: Sequence, hidden: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
         """After a main prefill chunk (hidden [B, T, H] for positions starts[i] + 0..lengths[i]-1): fill
@@ -49,48 +108,126 @@ class MTPDrafter:
             s.mtp_start = max(p - d, 0)
             tail = hidden[i, max(s.mtp_start - start, 0) : lengths[i]]
             s.hidden = tail.clone() if s.hidden is None else torch.cat((s.hidden, tail))
-        if rows:
-            self._run(
-                [seqs[i] for i in rows], [starts[i] for i in rows], ends,
-                [hidden[i, : e - starts[i]] for i, e in zip(rows, ends)],
-                [list(seqs[i].prompt[starts[i] + 1 : e + d]) for i, e in zip(rows, ends)], draft=False,
-            )
+        if not rows:
+            return
+        lengths = [e - starts[i] for i, e in zip(rows, ends)]
+        t = max(lengths)
+        positions = self.cache.begin_step([seqs[i].pages for i in rows], [starts[i] for i in rows], lengths)
+        rope = self.model.model.rotary_emb(positions)
+        ids = self._ids([seqs[i].prompt[starts[i] + 1 : e + d] for i, e in zip(rows, ends)], t + d)
+        h = pad_sequence([hidden[i, :n] for i, n in zip(rows, lengths)], batch_first=True)
+        for k in range(d):
+            h = self.model.mtp_depth(k, h, ids[:, k : k + t], rope, self.cache)
 
     def step(self, seqs: Sequence, grow: Callable, grammars=None) -> list[tuple[list[int], list | None]]:
         """One draft-and-verify round for every sequence → per sequence (emitted tokens, raw logprobs
         as (logprob, top ids, top logprobs) tensors or None). grammars (constraints.Grammars): masks the
         drafts and target rows of sequences with a grammar state (`s.grammar`)."""
         d = self.depth
+        ns = [self._num_tokens(s) for s in seqs]  # drafts per row; the batch drafts the most of them
+        n = max(ns)
         ms = [s.num_cached for s in seqs]
-        tokens = [s.tokens(s.mtp_start + 1, m + 1) for s, m in zip(seqs, ms)]
-        drafts, qs = self._run(seqs, [s.mtp_start for s in seqs], ms, [s.hidden for s in seqs], tokens, draft=True,
-                               grammars=grammars)
-
         for s, m in zip(seqs, ms):
-            grow(s, m + d + 1)
-        ids = torch.tensor([[s.output[-1]] + dr for s, dr in zip(seqs, drafts)], device=self.model.device)
-        positions = self.cache.begin_step([s.pages for s in seqs], ms, [d + 1] * len(seqs))
-        hidden = self.model.model(ids, positions, self.cache)
-        logits = self.model.logits(hidden)  # [B, D + 1, V]
+            grow(s, m + n + 1)  # the verify forward's positions; chained drafts write before them
+        fast = grammars is None and all(plain_greedy(s.params) for s in seqs)
+        drafts, qs = self._draft(seqs, ms, ns, fast, grammars)  # [B, n]
+
+        last = torch.tensor([[s.output[-1]] for s in seqs], device=drafts.device)
+        positions = self.cache.begin_step([s.pages for s in seqs], ms, [n + 1] * len(seqs))
+        hidden = self.model.model(torch.cat((last, drafts), 1), positions, self.cache)
+        logits = self.model.logits(hidden)  # [B, n + 1, V]
+        if fast:  # accepted: a row's drafts that equal the target's argmax, up to the first that does not
+            best = logits.argmax(-1)
+            own = torch.arange(n) < torch.tensor(ns)[:, None]
+            accepted = ((best[:, :n] == drafts) & own.to(drafts.device)).cumprod(1).sum(1).tolist()
+            results = [(tokens[: a + 1], None) for tokens, a in zip(best.tolist(), accepted)]
+        else:
+            own_drafts = [row[:k] for row, k in zip(drafts.tolist(), ns)]
+            results, accepted = self._verify(seqs, logits, own_drafts, qs, grammars)
+        for i, (s, m, a) in enumerate(zip(seqs, ms, accepted)):
+            s.num_cached = m + a + 1
+            s.hidden = hidden[i, : a + 1] if d == 1 else torch.cat((s.hidden[len(s.hidden) - (d - 1) :], hidden[i, : a + 1]))
+            s.mtp_start = m - d + 1
+            if s.chain is not None:
+                s.chain.record(a, ns[i])
+        self.rounds += len(seqs)
+        self.drafted += sum(ns)
+        self.accepted += sum(accepted)
+        return results
+
+    def _draft(self, seqs, ms, ns, fast: bool, grammars) -> tuple[torch.Tensor, list | None]:
+        """The drafts [B, max(ns)] of a round (row i's own are the first ns[i]), and for sampled rows
+        the distributions they were drawn from."""
+        model, b, d, n = self.model, len(seqs), self.depth, max(ns)
+        starts = [s.mtp_start for s in seqs]
+        lengths = [m - start for m, start in zip(ms, starts)]
+        t = max(lengths)
+        positions = self.cache.begin_step([s.pages for s in seqs], starts, lengths)
+        rope = model.model.rotary_emb(positions)
+        # committed tokens x_{start+1}..x_m, then each depth's draft for the deeper depths to read
+        ids = self._ids([s.tokens(start + 1, m + 1) for s, start, m in zip(seqs, starts, ms)], t + d)
+        hidden = pad_sequence([s.hidden for s in seqs], batch_first=True)
+        rows, last = torch.arange(b), torch.tensor(lengths) - 1
+        drafts, qs = [], None if fast else [[] for _ in seqs]
+        advanced = [0] * b  # draft tokens each grammar state accepted
+        for j in range(max(n, d)):
+            if j < d:  # depth j + 1 over every position: depth j's output and the tokens j + 1 ahead
+                hidden = model.mtp_depth(j, hidden, ids[:, j : j + t], rope, self.cache)
+                out = hidden[rows, last]
+            else:  # chained: the last depth one position on, on its own output and the last draft
+                positions = self.cache.begin_step([s.pages for s in seqs], [m + j - d for m in ms], [1] * b)
+                out = model.mtp_depth(d - 1, out[:, None], drafts[-1][:, None], model.model.rotary_emb(positions),
+                                      self.cache)[:, 0]
+            logits = model.logits(model.mtp_layers[min(j, d - 1)].shared_head.norm(out))
+            token = logits.argmax(-1) if fast else self._pick(logits, seqs, drafts, qs, grammars, advanced, ns)
+            drafts.append(token)
+            if j + 1 < d:
+                ids[rows, last + j + 1] = token
+        for i, s in enumerate(seqs):  # back to the committed tokens' state
+            if advanced[i]:
+                s.grammar.rollback(advanced[i])
+        return torch.stack(drafts[:n], 1), qs
+
+    def _ids(self, tokens: list[list[int]], width: int) -> torch.Tensor:
+        return torch.tensor([row + [0] * (width - len(row)) for row in tokens], device=self.model.device)
+
+    @staticmethod
+    def _pick(logits, seqs, drafts, qs, grammars, advanced, ns) -> torch.Tensor:
+        """One draft per row with the row's processing (penalties, grammar): greedy rows take the argmax,
+        sampled rows draw from q (kept in qs for the verifier); rows past their own count, the argmax."""
+        so_far = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in seqs]
+        processed = process_logits(logits, [s.params for s in seqs], [s.prompt for s in seqs],
+                                   [s.output + dr for s, dr in zip(seqs, so_far)])
+        if grammars is not None:  # drafts follow the grammar, which advances over them
+            processed = grammars.mask(processed, [s.grammar for s in seqs])
+        tokens = []
+        for i, s in enumerate(seqs):
+            if s.params.greedy or len(drafts) >= ns[i]:
+                token = int(processed[i].argmax())
+            else:  # draw the draft from q and hand q to the verifier
+                q = torch.softmax(processed[i], dim=-1)
+                token = int(torch.multinomial(q, 1, generator=s.generator))
+                qs[i].append(q)
+            tokens.append(token)
+            if grammars is not None and s.grammar is not None and not s.grammar.is_terminated():
+                advanced[i] += s.grammar.accept_token(token)
+        return torch.tensor(tokens, device=logits.device)
+
+    def _verify(self, seqs, logits, drafts: list[list[int]], qs, grammars):
+        """Per-row verification (penalties, sampling, logprobs, grammars) → (results, accepted counts)."""
         if grammars is not None:
             logits = self._mask_targets(logits, seqs, drafts, grammars)
-
-        results = []
-        for i, (s, m) in enumerate(zip(seqs, ms)):
+        results, accepted = [], []
+        for i, s in enumerate(seqs):
             draft_probs = torch.stack(qs[i]) if qs[i] else None
-            res = verify_draft(logits[i], drafts[i], s.params, s.generator, draft_probs, s.prompt, s.output)
-            a = res.num_accepted
-            self.drafted += d
-            self.accepted += a
-            s.num_cached = m + a + 1
-            s.hidden = torch.cat((s.hidden[len(s.hidden) - (d - 1) :] if d > 1 else s.hidden[:0], hidden[i, : a + 1]))
-            s.mtp_start = m - d + 1
+            res = verify_draft(logits[i, : len(drafts[i]) + 1], drafts[i], s.params, s.generator, draft_probs, s.prompt, s.output)
             logprobs = None
             if s.params.logprobs:
                 emitted = torch.tensor(res.token_ids, device=logits.device)
-                logprobs = gather_logprobs(logits[i, : a + 1], emitted, s.params.top_logprobs)
+                logprobs = gather_logprobs(logits[i, : res.num_accepted + 1], emitted, s.params.top_logprobs)
             results.append((res.token_ids, logprobs))
-        return results
+            accepted.append(res.num_accepted)
+        return results, accepted
 
     @staticmethod
     def _mask_targets(logits: torch.Tensor, seqs, drafts, grammars) -> torch.Tensor:
@@ -109,46 +246,3 @@ class MTPDrafter:
                 taken += 1
             s.grammar.rollback(taken)
         return mask.apply(logits.reshape(batch * rows, vocab)).view(batch, rows, vocab)
-
-    def _run(self, seqs, starts, ends, hiddens, tokens, draft: bool, grammars=None):
-        """Every depth over positions [starts[i], ends[i]) of each row. tokens[i] lists x_{start+1}...;
-        depth k (0-based) reads tokens[i][k : k + T_i], and each depth's draft is appended to it."""
-        model, b = self.model, len(seqs)
-        lengths = [e - s for s, e in zip(starts, ends)]
-        t = max(lengths)
-        positions = self.cache.begin_step([s.pages for s in seqs], starts, lengths)
-        rope = model.model.rotary_emb(positions)
-        hidden = hiddens[0].new_zeros(b, t, hiddens[0].shape[-1])
-        for i, h in enumerate(hiddens):
-            hidden[i, : len(h)] = h
-        last = torch.tensor(lengths, device=hidden.device) - 1
-        rows = torch.arange(b, device=hidden.device)
-        drafts: list[list[int]] = [[] for _ in seqs]
-        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        advanced = [0] * len(seqs)  # draft tokens each grammar state accepted
-        for k, layer in enumerate(model.mtp_layers):
-            ids = torch.tensor([tok[k : k + n] + [0] * (t - n) for tok, n in zip(tokens, lengths)], device=hidden.device)
-            hidden = layer(hidden, model.model.embed_tokens(ids), rope, self.cache)
-            if not draft:
-                continue
-            logits = model.logits(layer.shared_head.norm(hidden[rows, last]))
-            processed = process_logits(
-                logits, [s.params for s in seqs], [s.prompt for s in seqs], [s.output + dr for s, dr in zip(seqs, drafts)]
-            )
-            if grammars is not None:  # drafts follow the grammar, which advances over them
-                processed = grammars.mask(processed, [s.grammar for s in seqs])
-            for i, s in enumerate(seqs):
-                if s.params.greedy:
-                    token = int(processed[i].argmax())
-                else:  # draw the draft from q and hand q to the verifier
-                    q = torch.softmax(processed[i], dim=-1)
-                    token = int(torch.multinomial(q, 1, generator=s.generator))
-                    qs[i].append(q)
-                drafts[i].append(token)
-                tokens[i].append(token)
-                if grammars is not None and s.grammar is not None and not s.grammar.is_terminated():
-                    advanced[i] += s.grammar.accept_token(token)
-        for i, s in enumerate(seqs):  # back to the committed tokens' state
-            if advanced[i]:
-                s.grammar.rollback(advanced[i])
-        return drafts, qs

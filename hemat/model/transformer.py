@@ -116,23 +116,25 @@ class CausalLM(nn.Module):
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions=None) -> list[torch.Tensor]:
         """Training-time MTP over a whole sequence: depth k sees h^{k-1}_i and token i + k."""
+        return [self.logits(head) for head in self.mtp_heads(hidden, input_ids, positions)]
+
+    def mtp_heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions=None, cache=None):
+        """The MTP depths over a whole sequence (the training forward): yields, for k = 1..D, depth k's
+        normalised output [B, T - k, H], whose row i predicts token i + k + 1. cache: as for the main
+        model (a training mask object); it sees each depth's shorter query length."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        out = []
-        for k, _ in enumerate(self.mtp_layers, start=1):
+        for k in range(1, len(self.mtp_layers) + 1):
             t = input_ids.shape[1] - k
             if t <= 0:
-                break
-            hidden, logits = self.mtp_step(k - 1, hidden[:, :t], input_ids[:, k:], positions[:, :t])
-            out.append(logits)
-        return out
+                return
+            hidden = self.mtp_depth(k - 1, hidden[:, :t], input_ids[:, k:], self.model.rotary_emb(positions[:, :t]), cache)
+            yield self.mtp_layers[k - 1].shared_head.norm(hidden)
 
-    def mtp_step(self, depth_idx: int, hidden, token_ids, positions, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth: (previous hidden [B,T,H], the next tokens [B,T]) → (its hidden, logits)."""
-        layer = self.mtp_layers[depth_idx]
-        rope = self.model.rotary_emb(positions)
-        h = layer(hidden, self.model.embed_tokens(token_ids), rope, cache)
-        return h, self.logits(layer.shared_head.norm(h))
+    def mtp_depth(self, depth_idx: int, hidden, token_ids, rope, cache=None) -> torch.Tensor:
+        """One MTP depth: (previous hidden [B, T, H], the tokens one ahead [B, T]) → its hidden [B, T, H]
+        (before the shared head's norm). The one MTP computation: training and drafting both call it."""
+        return self.mtp_layers[depth_idx](hidden, self.model.embed_tokens(token_ids), rope, cache)
 
     @torch.no_grad()
     def init_weights(self) -> None:

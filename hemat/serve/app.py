@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hemat.errors import HematError
 from hemat.infer.quantize import add_quantize_arguments, prepare_loaded
+from hemat.infer.cli import draft_tokens_arg
 from hemat.infer.sampling import SamplingParams
 from hemat.model.hub import is_hub_id, resolve_model_source
 from hemat.serve.auth import ApiKeyMiddleware, BodyLimitMiddleware
@@ -512,6 +513,8 @@ def add_command(subparsers) -> set[str]:
     add_quantize_arguments(p)
     p.add_argument("--speculative", choices=("auto", "off"), default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
+    p.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
+                   help="MTP draft tokens per round: a count, or auto (per sequence from its acceptance; default)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running streams may take to finish after SIGTERM (default 30)")
     p.set_defaults(func=serve_command)
@@ -571,7 +574,8 @@ def serve_command(args: argparse.Namespace) -> int:
     model = prepare_loaded(hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype), args.quantize,
                            args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative,
+                    num_speculative_tokens=args.draft_tokens)
     app = create_app(engine, tokenizer, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)

@@ -104,19 +104,17 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return total / count  # no gradient wanted (validation): the forward pass alone, still chunked
 
 
-def mtp_loss(model: CausalLM, hidden: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The multi-token-prediction loss averaged over depths: depth k at position i sees the previous
-    depth's hidden state and token i + k, and predicts token i + k + 1 (= targets[:, i + k])."""
-    seq = inputs.shape[1]
-    positions = torch.arange(seq, device=inputs.device).expand(inputs.shape[0], -1)
+def mtp_loss(model: CausalLM, hidden: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, chunk: int,
+             positions: torch.Tensor | None = None, cache=None, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """The multi-token-prediction loss averaged over depths: depth k's row i predicts token i + k + 1
+    (= targets[:, i + k]); targets set to IGNORE_INDEX do not count, nor, in packed rows (documents: the
+    document id of each position), a target outside row i's own document."""
     losses = []
-    for k, layer in enumerate(model.mtp_layers, start=1):
-        t = seq - k
-        if t <= 0:
-            break
-        rope = model.model.rotary_emb(positions[:, :t])
-        hidden = layer(hidden[:, :t], model.model.embed_tokens(inputs[:, k:]), rope)
-        losses.append(token_cross_entropy(layer.shared_head.norm(hidden), model.output_weight(), targets[:, k:], chunk))
+    for k, head in enumerate(model.mtp_heads(hidden, inputs, positions, cache), start=1):
+        depth_targets = targets[:, k:]
+        if documents is not None:
+            depth_targets = depth_targets.masked_fill(documents[:, k:] != documents[:, :-k], IGNORE_INDEX)
+        losses.append(token_cross_entropy(head, model.output_weight(), depth_targets, chunk))
     return torch.stack(losses).mean()
 
 

@@ -312,30 +312,23 @@ class DocumentMask:
         self.mask = (documents[:, :, None] == documents[:, None, :]) & causal
 
     def update(self, layer_idx: int, *new: torch.Tensor):
-        return (*new, self.mask)
+        t = new[0].shape[1]  # an MTP depth's queries are the first t positions
+        return (*new, self.mask[:, :t, :t])
 
 
 def sft_loss(model, batch, mtp_weight: float = 0.0, chunk: int = 2048) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on the assistant targets of packed rows (+ λ · the MTP loss, whose depth-k targets
     count only inside the same conversation, + the MoE balance losses while training)."""
-    from hemat.train.loop import IGNORE_INDEX, add_balance_loss, token_cross_entropy
+    from hemat.train.loop import IGNORE_INDEX, add_balance_loss, mtp_loss, token_cross_entropy
 
     inputs, targets, mask, positions, documents = batch
-    hidden = model.model(inputs, positions, DocumentMask(documents))
-    loss = token_cross_entropy(hidden, model.output_weight(), targets.masked_fill(mask == 0, IGNORE_INDEX), chunk)
+    document_mask = DocumentMask(documents)
+    hidden = model.model(inputs, positions, document_mask)
+    targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    loss = token_cross_entropy(hidden, model.output_weight(), targets, chunk)
     parts = {"lm_loss": loss.detach()}
     if model.training and mtp_weight > 0 and model.mtp_layers:
-        losses = []
-        for k, layer in enumerate(model.mtp_layers, start=1):
-            t = inputs.shape[1] - k
-            if t <= 0:
-                break
-            rope = model.model.rotary_emb(positions[:, :t])
-            hidden = layer(hidden[:, :t], model.model.embed_tokens(inputs[:, k:]), rope, DocumentMask(documents[:, :t]))
-            valid = (mask[:, k:] != 0) & (documents[:, k:] == documents[:, :t])
-            depth_targets = targets[:, k:].masked_fill(~valid, IGNORE_INDEX)
-            losses.append(token_cross_entropy(layer.shared_head.norm(hidden), model.output_weight(), depth_targets, chunk))
-        mtp = torch.stack(losses).mean()
+        mtp = mtp_loss(model, hidden, inputs, targets, chunk, positions, document_mask, documents)
         loss = loss + mtp_weight * mtp
         parts["mtp_loss"] = mtp.detach()
     return add_balance_loss(model, loss, parts)
