@@ -8,6 +8,7 @@ both, and the MTP acceptance rate when the checkpoint carries MTP layers (a rand
 rarely right, so speculative decoding is measured apart from the plain comparison).
 
     python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--quick]
+    python benchmarks/decode_throughput.py --config benchmarks/shapes/smollm-135m.json   # a 135M llama
 """
 
 from __future__ import annotations
