@@ -46,8 +46,8 @@ def bandwidth_gbs() -> float:
 
 
 # ---- one row, in a child process -------------------------------------------------------------------------
-def load_row(row: str, path: Path, group_size: int):
-    """→ (generate(prompts, new_tokens), weight bytes)."""
+def load_row(row: str, path: Path, group_size: int, max_tokens: int):
+    """→ (generate(prompts, new_tokens), weight bytes); hemat's cache holds max_tokens per sequence."""
     library, fmt = row.split("-")
     if library == "transformers":
         import transformers
@@ -78,7 +78,7 @@ def load_row(row: str, path: Path, group_size: int):
         batch, length = prompts.shape
         if batch not in engines:
             engines[batch] = Engine(model, max_batch_size=batch, speculative="off",
-                                    cache_tokens=batch * (length + new_tokens + 32))
+                                    cache_tokens=batch * (max_tokens + 32))
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         outs = engines[batch].generate(prompts.tolist(), params)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
@@ -88,14 +88,16 @@ def load_row(row: str, path: Path, group_size: int):
 
 def run_row(args) -> None:
     torch.set_num_threads(args.threads)
-    generate, weight_bytes = load_row(args.row, Path(args.model), args.group_size)
+    generate, weight_bytes = load_row(args.row, Path(args.model), args.group_size,
+                                      args.prompt_tokens + args.new_tokens)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
     def prompts(batch: int) -> torch.Tensor:  # fresh each time: no prefix cache hit
         return torch.randint(2, vocab, (batch, args.prompt_tokens), generator=gen)
 
-    generate(prompts(1)[:, :16], 2)  # warm-up
+    for batch in map(int, args.batch_sizes.split(",")):  # warm-up
+        generate(prompts(batch)[:, :16], 2)
     result = {"row": args.row, "weight_bytes": weight_bytes, "decode": {}}
     for batch in map(int, args.batch_sizes.split(",")):
         start = time.perf_counter()
@@ -149,21 +151,22 @@ def main() -> None:
                 continue
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"  {row} done", file=sys.stderr)
+    torch.set_num_threads(args.threads)
     bandwidth = bandwidth_gbs()
     batches = list(map(int, args.batch_sizes.split(",")))
     base = next((r for r in results if r["row"] == "transformers-fp32"), None)
     head = " | ".join(f"batch {b} tok/s" for b in batches)
-    print(f"\n| row | {head} | vs transformers fp32 (batch {batches[0]}) | TTFT s | peak RSS GB | weights GB | "
-          f"batch-1 floor tok/s |")
-    print("|---" * (len(batches) + 6) + "|")
+    print(f"\n| row | {head} | vs transformers fp32 (batch {batches[0]}) | TTFT s | RSS GB | peak RSS GB | "
+          "weights GB | batch-1 floor tok/s |")
+    print("|---" * (len(batches) + 7) + "|")
     for r in results:
         rates = " | ".join(f"{r['decode'][str(b)]:.2f}" for b in batches)
         ratio = f"{r['decode'][str(batches[0])] / base['decode'][str(batches[0])]:.2f}x" if base else "-"
         floor = bandwidth * 1e9 / r["weight_bytes"]
-        print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['peak_rss_gb']:.2f} | "
+        print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
               f"{r['weight_bytes'] / 1e9:.3f} | {floor:.1f} |")
-    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {torch.get_num_threads()} threads); "
-          "floor = bandwidth / weight bytes")
+    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {args.threads} threads); floor = bandwidth / "
+          "weight bytes. RSS after the run; its peak includes loading the unquantized checkpoint before quantizing.")
 
 
 if __name__ == "__main__":
