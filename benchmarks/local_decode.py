@@ -3,7 +3,7 @@ checkpoint, the same prompts, greedy, the same thread count. Each row runs in it
 its resident memory is its own. Columns: decode tokens/s at each batch size (time to the last token minus
 time to the first, over the tokens in between), time to the first token at batch 1 (the prompt's
 prefill), peak resident memory, and the bytes of weights. The floor for batch-1 decode is the bytes of
-weights read per token over the memory bandwidth, measured here by a large copy.
+weights read per token over the memory bandwidth, measured here by a sum over 1 GiB.
 
     python benchmarks/local_decode.py [--shape r1-distill-qwen-1.5b | --shape smollm-135m | --model DIR]
         [--rows hemat-int4,transformers-fp32,...] [--batch-sizes 1,8] [--prompt-tokens 512] [--new-tokens 128]
