@@ -2,7 +2,7 @@
 checkpoint, the same prompts, greedy, the same thread count. Each row runs in its own process, so that
 its resident memory is its own. Columns: decode tokens/s at each batch size (time to the last token minus
 time to the first, over the tokens in between), time to the first token at batch 1 (the prompt's
-prefill), peak resident memory, and the bytes of weights. The floor for batch-1 decode is the bytes of
+prefill), resident memory, and the bytes of weights. Batch-1 decode is bounded by the bytes of
 weights read per token over the memory bandwidth, measured here by a sum over 1 GiB.
 
     python benchmarks/local_decode.py [--shape r1-distill-qwen-1.5b | --shape smollm-135m | --model DIR]
@@ -157,15 +157,15 @@ def main() -> None:
     base = next((r for r in results if r["row"] == "transformers-fp32"), None)
     head = " | ".join(f"batch {b} tok/s" for b in batches)
     print(f"\n| row | {head} | vs transformers fp32 (batch {batches[0]}) | TTFT s | RSS GB | peak RSS GB | "
-          "weights GB | batch-1 floor tok/s |")
+          "weights GB | batch-1 ceiling tok/s |")
     print("|---" * (len(batches) + 7) + "|")
     for r in results:
         rates = " | ".join(f"{r['decode'][str(b)]:.2f}" for b in batches)
         ratio = f"{r['decode'][str(batches[0])] / base['decode'][str(batches[0])]:.2f}x" if base else "-"
-        floor = bandwidth * 1e9 / r["weight_bytes"]
+        ceiling = bandwidth * 1e9 / r["weight_bytes"]
         print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
-              f"{r['weight_bytes'] / 1e9:.3f} | {floor:.1f} |")
-    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {args.threads} threads); floor = bandwidth / "
+              f"{r['weight_bytes'] / 1e9:.3f} | {ceiling:.1f} |")
+    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {args.threads} threads); ceiling = bandwidth / "
           "weight bytes. RSS after the run; its peak includes loading the unquantized checkpoint before quantizing.")
 
 
