@@ -10,6 +10,7 @@ tokens per round, and KV-cache bytes per token. A random model's drafts are rare
 on a trained checkpoint (the speedrun's `pretrain/checkpoints/step-500`).
 
     python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--draft-tokens 1,2,3,auto] [--quick]
+    python benchmarks/decode_throughput.py --config benchmarks/shapes/smollm-135m.json   # a 135M llama
 """
 
 from __future__ import annotations

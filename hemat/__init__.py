@@ -1,7 +1,8 @@
 """hemat: build, reason-train, evaluate and self-host DeepSeek-style language models frugally.
 
 Python API: `from_pretrained(path_or_hub_id, device=None, dtype=None)`, `model.save_pretrained(path,
-format=None|"bf16"|"fp32"|"fp8")`, `load_tokenizer(path_or_hub_id)`, `Engine(model, tokenizer, ...)`."""
+format=None|"bf16"|"fp32"|"fp8"|"int8"|"int4")`, `load_tokenizer(path_or_hub_id)`,
+`prepare_for_inference(model, weights=None|"int8"|"int4", group_size=128)`, `Engine(model, tokenizer, ...)`."""
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ _LAZY = {
     "ModelConfig": "hemat.model.config",
     "load_tokenizer": "hemat.tokenizer",
     "Engine": "hemat.infer.engine",
+    "prepare_for_inference": "hemat.infer.quantize",
 }
 
 

@@ -50,16 +50,18 @@ class MLP(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, T, H, d], k [B, S, H, d], v [B, S, H, dv] → [B, T, H, dv]. Causal when mask is None,
-    else mask [B, T, S] (True = attend), as a KV cache hands it over."""
+    """q [B, T, H, d], k [B, S, Hkv, d], v [B, S, Hkv, dv] → [B, T, H, dv], each group of H / Hkv query
+    heads attending to one key/value head (SDPA's enable_gqa reads them without repeating). Causal when
+    mask is None, else mask [B, T, S] (True = attend), as a KV cache hands it over."""
+    gqa = k.shape[2] != q.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     dv = v.shape[-1]
     if q.is_cpu and dv < q.shape[-1]:  # CPU's flash kernel needs one head size; the fallback is slower
         v = F.pad(v, (0, q.shape[-1] - dv))
     if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     return out[..., :dv].transpose(1, 2)
 
 
@@ -107,7 +109,4 @@ class GQAttention(nn.Module):
         mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         return self.o_proj(attend(q, k, v, mask, self.scale).reshape(b, t, -1))
