@@ -65,7 +65,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen output head (LoRA) needs no gradient: neither its [vocab, hidden] buffer nor its products
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start: start + chunk], targets[start: start + chunk]
@@ -77,6 +78,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype)).mul_(valid)
             grad = grad.to(h.dtype)
             torch.mm(grad, weight.to(h.dtype), out=grad_hidden[start: start + chunk])
+            if grad_weight is None:
+                continue
             if grad_weight.dtype == h.dtype:
                 grad_weight.addmm_(grad.T, h)
             else:
@@ -88,7 +91,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total, grad_weight, None, None
 
 
 def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
