@@ -95,9 +95,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, grad_weight, None, None
 
 
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # at most this many logits at a time (128 MiB in fp32): fewer rows for big vocabularies
+
+
 def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of hidden [B, T, H] against targets [B, T] (IGNORE_INDEX skipped)."""
+    """Mean next-token cross-entropy of hidden [B, T, H] against targets [B, T] (IGNORE_INDEX skipped), over
+    `chunk` tokens at a time, fewer when a chunk's logits would pass LOGITS_CHUNK_ELEMENTS."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk = max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // weight.shape[0]))
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
