@@ -125,3 +125,15 @@ def test_lora_grpo_reference_is_the_base_with_adapters_off(checkpoint, tmp_path)
     # model (adapters on), the on-policy KL would be 0 again
     assert math.isfinite(records[1]["kl"]) and records[1]["kl"] > 0
     assert (run / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
+
+
+def test_chunked_cross_entropy_with_a_frozen_head_matches_torch():
+    """LoRA freezes the output head: the chunked loss then skips its gradient, and the hidden states' is exact."""
+    from hemat.train.loop import token_cross_entropy
+
+    hidden = torch.randn(2, 10, 16, requires_grad=True)
+    head, targets = torch.randn(50, 16), torch.randint(0, 50, (2, 10))
+    token_cross_entropy(hidden, head, targets, chunk=4).backward()
+    reference = hidden.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy((reference @ head.T).flatten(0, 1), targets.flatten()).backward()
+    assert torch.allclose(hidden.grad, reference.grad, atol=1e-6)

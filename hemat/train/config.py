@@ -52,7 +52,7 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp, when launched on several processes
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads per process; 0 = the cores this process may use / local ranks
-    loss_chunk_tokens: int = 2048  # the cross-entropy runs over this many tokens at a time
+    loss_chunk_tokens: int = 2048  # the cross-entropy runs over this many tokens at a time (fewer for big vocabularies)
     seed: int = 0
     eval_interval: int = 100  # steps between validation runs (0 = only at the end)
     eval_tokens: int = 65536  # validation tokens per evaluation (whole batches of micro_batch_size × seq_len × ranks)

@@ -64,7 +64,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen output head (LoRA) needs no gradient: neither its [vocab, hidden] buffer nor its products
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start: start + chunk], targets[start: start + chunk]
@@ -76,6 +77,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype)).mul_(valid)
             grad = grad.to(h.dtype)
             torch.mm(grad, weight.to(h.dtype), out=grad_hidden[start: start + chunk])
+            if grad_weight is None:
+                continue
             if grad_weight.dtype == h.dtype:
                 grad_weight.addmm_(grad.T, h)
             else:
@@ -87,12 +90,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total, grad_weight, None, None
+
+
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # at most this many logits at a time (128 MiB in fp32): fewer rows for big vocabularies
 
 
 def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of hidden [B, T, H] against targets [B, T] (IGNORE_INDEX skipped)."""
+    """Mean next-token cross-entropy of hidden [B, T, H] against targets [B, T] (IGNORE_INDEX skipped), over
+    `chunk` tokens at a time, fewer when a chunk's logits would pass LOGITS_CHUNK_ELEMENTS."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk = max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // weight.shape[0]))
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)

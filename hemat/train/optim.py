@@ -19,8 +19,10 @@ except ImportError:  # a torch built without distributed support
 
 
 def is_muon_param(name: str, param: torch.Tensor) -> bool:
-    """Hidden matrices of the decoder layers (and the MTP layers' projection); not the router."""
-    return param.ndim >= 2 and ".layers." in f".{name}" and not name.endswith("mlp.gate.weight")
+    """Hidden matrices of the decoder layers (and the MTP layers' projection); not the router, and not LoRA's
+    factors (an expert adapter's A stacks every expert's rows: orthogonalising it would mix the experts)."""
+    return (param.ndim >= 2 and ".layers." in f".{name}" and not name.endswith("mlp.gate.weight")
+            and ".lora_" not in name)
 
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
