@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from hemat.errors import HematError
-from hemat.infer.sampling import gather_logprobs, process_logits, verify_draft
+from hemat.infer.sampling import gather_logprobs, process_logits, verify_drafts
 
 AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
 AUTO_MIN_PROBABILITY = 0.6  # draft j only while all of drafts 1..j are accepted this often
@@ -195,39 +195,41 @@ class MTPDrafter:
     def _pick(logits, seqs, drafts, qs, grammars, advanced, ns) -> torch.Tensor:
         """One draft per row with the row's processing (penalties, grammar): greedy rows take the argmax,
         sampled rows draw from q (kept in qs for the verifier); rows past their own count, the argmax."""
-        so_far = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in seqs]
-        processed = process_logits(logits, [s.params for s in seqs], [s.prompt for s in seqs],
-                                   [s.output + dr for s, dr in zip(seqs, so_far)])
+        params = [s.params for s in seqs]
+        prompts = outputs = None
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            so_far = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in seqs]
+            prompts, outputs = [s.prompt for s in seqs], [s.output + dr for s, dr in zip(seqs, so_far)]
+        processed = process_logits(logits, params, prompts, outputs)
         if grammars is not None:  # drafts follow the grammar, which advances over them
             processed = grammars.mask(processed, [s.grammar for s in seqs])
-        tokens = []
+        tokens = processed.argmax(-1).tolist()
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy and len(drafts) < ns[i]]
+        probs = torch.softmax(processed[sampled], dim=-1) if sampled else None
+        for row, i in enumerate(sampled):  # draw the draft from q and hand q to the verifier
+            tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+            qs[i].append(probs[row])
         for i, s in enumerate(seqs):
-            if s.params.greedy or len(drafts) >= ns[i]:
-                token = int(processed[i].argmax())
-            else:  # draw the draft from q and hand q to the verifier
-                q = torch.softmax(processed[i], dim=-1)
-                token = int(torch.multinomial(q, 1, generator=s.generator))
-                qs[i].append(q)
-            tokens.append(token)
             if grammars is not None and s.grammar is not None and not s.grammar.is_terminated():
-                advanced[i] += s.grammar.accept_token(token)
+                advanced[i] += s.grammar.accept_token(tokens[i])
         return torch.tensor(tokens, device=logits.device)
 
     def _verify(self, seqs, logits, drafts: list[list[int]], qs, grammars):
-        """Per-row verification (penalties, sampling, logprobs, grammars) → (results, accepted counts)."""
+        """Verification with each row's processing (penalties, sampling, grammars) in one batched pass,
+        and the raw logprobs of rows that ask → (results, accepted counts)."""
         if grammars is not None:
             logits = self._mask_targets(logits, seqs, drafts, grammars)
-        results, accepted = [], []
-        for i, s in enumerate(seqs):
-            draft_probs = torch.stack(qs[i]) if qs[i] else None
-            res = verify_draft(logits[i, : len(drafts[i]) + 1], drafts[i], s.params, s.generator, draft_probs, s.prompt, s.output)
+        verdicts = verify_drafts(logits, drafts, [s.params for s in seqs], [s.generator for s in seqs],
+                                 [torch.stack(q) if q else None for q in qs], [s.prompt for s in seqs],
+                                 [s.output for s in seqs])
+        results = []
+        for i, (s, res) in enumerate(zip(seqs, verdicts)):
             logprobs = None
             if s.params.logprobs:
                 emitted = torch.tensor(res.token_ids, device=logits.device)
                 logprobs = gather_logprobs(logits[i, : res.num_accepted + 1], emitted, s.params.top_logprobs)
             results.append((res.token_ids, logprobs))
-            accepted.append(res.num_accepted)
-        return results, accepted
+        return results, [res.num_accepted for res in verdicts]
 
     @staticmethod
     def _mask_targets(logits: torch.Tensor, seqs, drafts, grammars) -> torch.Tensor:
