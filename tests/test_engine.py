@@ -13,6 +13,7 @@ from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
 from hemat.infer.engine import Engine, EngineRequestError
 from hemat.infer.sampling import SamplingError, SamplingParams
+from hemat.infer.speculative import ChainLength
 from hemat.model.config import ModelConfig
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import train_tokenizer
@@ -166,6 +167,22 @@ def test_chained_mtp_drafts_keep_greedy_output_token_identical(depth, draft_toke
         assert stats["spec_drafted"] == draft_tokens * stats["spec_rounds"]
     # some rounds accepted more than one draft, some fewer than all: every path was taken
     assert stats["spec_rounds"] < stats["spec_accepted"] < stats["spec_drafted"] or draft_tokens == 1
+
+
+@pytest.mark.parametrize("right, most_often", [(3, 3), (2, 2), (1, 1), (0, 1)])
+def test_auto_chain_length_follows_the_sequences_acceptance(right, most_often):
+    """A sequence whose first `right` drafts are always accepted settles on that many drafts (at least
+    one), retrying a longer chain only now and then."""
+    chain = ChainLength(3)
+    assert chain.next() == 3  # nothing measured yet: the longest chain
+    lengths = []
+    for _ in range(400):
+        n = chain.next()
+        chain.record(accepted=min(right, n), drafted=n)
+        lengths.append(n)
+    settled = lengths[100:]
+    assert settled.count(most_often) > 0.85 * len(settled)
+    assert all(n >= most_often for n in settled)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 2])

@@ -21,8 +21,9 @@ read drafts, so the next round recomputes every depth from mtp_start = m - D + 1
 the main hidden states from mtp_start on for that (D rows; one for DeepSeek-V3's single depth).
 
 The number of drafts n is fixed (num_speculative_tokens=N) or chosen per sequence and round ("auto"):
-the longest chain whose drafts the sequence lately accepted whole at least AUTO_MIN_PROBABILITY of the
-time. A batch drafts as many as its longest row; a row verifies only its own."""
+the longest chain (up to AUTO_MAX_TOKENS) that the sequence's running record says is accepted whole at
+least AUTO_MIN_PROBABILITY of the time. Per sequence, so that a seeded request draws the same alone or
+in any batch; a batch drafts as many as its longest row, and a row verifies only its own."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from hemat.errors import HematError
 from hemat.infer.sampling import gather_logprobs, process_logits, verify_drafts
 
 AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
-AUTO_MIN_PROBABILITY = 0.6  # draft j only while all of drafts 1..j are accepted this often
+AUTO_MIN_PROBABILITY = 0.75  # draft j only while drafts 1..j are all accepted this often (a verify
+# position costs a fair share of a decode step once a CPU batch is compute-bound: 0.6 lost at batch 16)
 DECAY = 0.98  # the running acceptance statistics forget at this rate per round
 
 
@@ -51,26 +53,26 @@ class ChainLength:
     in any batch."""
 
     def __init__(self, max_tokens: int):
-        self.rounds, self.reached = 0.0, [0.0] * max_tokens  # decayed: rounds, and rounds accepting drafts 1..j+1
+        # decayed counts per draft position j: rounds that drafted it after accepting drafts 0..j-1, and
+        # rounds that accepted it too
+        self.tried, self.accepted = [0.0] * max_tokens, [0.0] * max_tokens
 
     def next(self) -> int:
-        """The longest chain whose drafts are all accepted with probability >= AUTO_MIN_PROBABILITY,
-        estimated from the conditional rate of each position (past the deepest drafted, that one's)."""
-        n, chance, rate = 1, 1.0, 1.0
-        for j in range(len(self.reached)):
-            before = self.rounds if j == 0 else self.reached[j - 1]
-            if before > 0 and (j == 0 or self.reached[j] > 0):
-                rate = self.reached[j] / before
-            chance *= rate
+        """The longest chain whose drafts are all accepted with probability >= AUTO_MIN_PROBABILITY, from
+        each position's conditional rate. The rates start at 1 (one accepted try as the prior), and a poor
+        record fades, so longer chains are tried again now and then."""
+        n, chance = 1, 1.0
+        for j, (tried, accepted) in enumerate(zip(self.tried, self.accepted)):
+            chance *= (accepted + 1) / (tried + 1)
             if chance < AUTO_MIN_PROBABILITY:
                 break
             n = j + 1
         return n
 
     def record(self, accepted: int, drafted: int) -> None:
-        self.rounds = self.rounds * DECAY + 1
-        for j in range(len(self.reached)):
-            self.reached[j] = self.reached[j] * DECAY + (j < min(accepted, drafted))
+        for j in range(len(self.tried)):
+            self.tried[j] = self.tried[j] * DECAY + (j < drafted and j <= accepted)
+            self.accepted[j] = self.accepted[j] * DECAY + (j < accepted)
 
 
 class MTPDrafter:
