@@ -23,7 +23,8 @@ the main hidden states from mtp_start on for that (D rows; one for DeepSeek-V3's
 The number of drafts n is fixed (num_speculative_tokens=N) or chosen per sequence and round ("auto"):
 the longest chain (up to AUTO_MAX_TOKENS) that the sequence's running record says is accepted whole at
 least AUTO_MIN_PROBABILITY of the time. Per sequence, so that a seeded request draws the same alone or
-in any batch; a batch drafts as many as its longest row, and a row verifies only its own."""
+in any batch. A batch drafts as many as its longest sampled row, or the shortest greedy one (a longer
+chain costs every row its verify positions), and a row verifies only its own."""
 
 from __future__ import annotations
 
@@ -126,8 +127,12 @@ class MTPDrafter:
         as (logprob, top ids, top logprobs) tensors or None). grammars (constraints.Grammars): masks the
         drafts and target rows of sequences with a grammar state (`s.grammar`)."""
         d = self.depth
-        ns = [self._num_tokens(s) for s in seqs]  # drafts per row; the batch drafts the most of them
-        n = max(ns)
+        ns = [self._num_tokens(s) for s in seqs]  # drafts per row
+        # a batch drafts (and verifies) as many as its longest row wants: sampled rows keep their own count
+        # (it decides their random draws), greedy rows, whose output no count changes, the fewest of theirs
+        greedy = [k for k, s in zip(ns, seqs) if s.params.greedy]
+        n = max([k for k, s in zip(ns, seqs) if not s.params.greedy] + [min(greedy, default=1)])
+        ns = [min(k, n) for k in ns]
         ms = [s.num_cached for s in seqs]
         for s, m in zip(seqs, ms):
             grow(s, m + n + 1)  # the verify forward's positions; chained drafts write before them
