@@ -230,13 +230,13 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("speculative", ["off", "auto"])
-def test_requests_give_the_same_output_alone_and_in_a_busy_batch(speculative):
+@pytest.mark.parametrize("speculative, draft_tokens", [("off", None), ("auto", None), ("auto", "auto")])
+def test_requests_give_the_same_output_alone_and_in_a_busy_batch(speculative, draft_tokens):
     model = tiny_model("deepseek_v3")
     prompts = [prompt(n, seed=n) for n in (5, 12, 7, 20, 9)]
-    alone = [Engine(model, page_size=4, speculative=speculative).generate([p], [sp])[0]
-             for p, sp in zip(prompts, MIXED)]
-    busy = Engine(model, max_batch_size=3, page_size=4, speculative=speculative)
+    settings = dict(page_size=4, speculative=speculative, num_speculative_tokens=draft_tokens)
+    alone = [Engine(model, **settings).generate([p], [sp])[0] for p, sp in zip(prompts, MIXED)]
+    busy = Engine(model, max_batch_size=3, **settings)
     together = busy.generate(prompts * 2, MIXED * 2)  # more requests than batch slots: they join as others leave
     for a, b, c in zip(alone, together[:5], together[5:]):
         assert tokens(a) == tokens(b) == tokens(c)
@@ -333,7 +333,7 @@ def test_a_full_pool_makes_requests_wait_and_all_complete():
     model = tiny_model("deepseek_v3")
     params = SamplingParams(max_tokens=20, **GREEDY)
     prompts = [prompt(n, seed=n) for n in (10, 14, 8, 12)]
-    engine = Engine(model, page_size=4, cache_tokens=40)  # one request (≤ 14 + 20 + 3 draft tokens) at a time
+    engine = Engine(model, page_size=4, cache_tokens=36)  # one request (≤ 14 + 20 + 1 tokens) at a time
     most_running = []
     outs = []
     for p in prompts:
