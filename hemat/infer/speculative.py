@@ -147,8 +147,8 @@ class MTPDrafter:
         logits = self.model.logits(hidden)  # [B, n + 1, V]
         if fast:  # accepted: a row's drafts that equal the target's argmax, up to the first that does not
             best = logits.argmax(-1)
-            own = torch.arange(n) < torch.tensor(ns)[:, None]
-            accepted = ((best[:, :n] == drafts) & own.to(drafts.device)).cumprod(1).sum(1).tolist()
+            own = torch.arange(n, device=best.device) < torch.tensor(ns, device=best.device)[:, None]
+            accepted = ((best[:, :n] == drafts) & own).cumprod(1).sum(1).tolist()
             results = [(tokens[: a + 1], None) for tokens, a in zip(best.tolist(), accepted)]
         else:
             own_drafts = [row[:k] for row, k in zip(drafts.tolist(), ns)]
@@ -176,7 +176,7 @@ class MTPDrafter:
         # committed tokens x_{start+1}..x_m, then each depth's draft for the deeper depths to read
         ids = self._ids([s.tokens(start + 1, m + 1) for s, start, m in zip(seqs, starts, ms)], t + d)
         hidden = pad_sequence([s.hidden for s in seqs], batch_first=True)
-        rows, last = torch.arange(b), torch.tensor(lengths) - 1
+        rows, last = torch.arange(b, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1
         drafts, qs = [], None if fast else [[] for _ in seqs]
         advanced = [0] * b  # draft tokens each grammar state accepted
         for j in range(max(n, d)):
