@@ -151,7 +151,9 @@ def evaluate_arith(checkpoint: str | Path, out_dir: Path, run: SpeedrunConfig) -
     accuracy = results["arith"].metrics["accuracy"]
     print(f"accuracy {accuracy:.1%} on {len(records)} problems ("
           + ", ".join(f"level {k}: {sum(v)}/{len(v)}" for k, v in sorted(by_level.items())) + ")", flush=True)
-    return {"accuracy": accuracy, "n": len(records), "seconds": seconds,
+    stats = ctx.engine.stats()  # the MTP drafts' record over the whole eval (greedy decoding)
+    drafts = {k: stats[k] for k in ("spec_rounds", "spec_drafted", "spec_accepted") if k in stats}
+    return {"accuracy": accuracy, "n": len(records), "seconds": seconds, "drafts": drafts,
             "by_level": {k: sum(v) / len(v) for k, v in sorted(by_level.items())},
             "tokens": sum(len(tokenizer.encode(r["output"])) for r in records), "records": records}
 
@@ -181,6 +183,12 @@ def plot_accuracy(evals: dict, png: Path) -> None:
     save_figure(fig, png)
 
 
+def _drafts_line(drafts: dict) -> str:
+    accepted, drafted, rounds = drafts["spec_accepted"], drafts["spec_drafted"], drafts["spec_rounds"]
+    return (f"{accepted / drafted:.1%} ({accepted:,} of {drafted:,}), "
+            f"{1 + accepted / rounds:.2f} tokens per draft-and-verify round")
+
+
 def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict, result: dict, evals: dict,
                           ledger, wall: float) -> Path:
     from hemat.model.params import human
@@ -199,6 +207,8 @@ def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict
         [f"held-out accuracy after SFT ({before['n']} problems, greedy)", f"{before['accuracy']:.1%}"],
         ["held-out accuracy after GRPO (same problems)", f"{after['accuracy']:.1%} "
                                                         f"({(after['accuracy'] - before['accuracy']) * 100:+.1f} points)"],
+        *[[f"MTP drafts accepted in the {name.upper()} eval", _drafts_line(e["drafts"])]
+          for name, e in evals.items() if e.get("drafts", {}).get("spec_drafted")],
         ["final checkpoint", "`grpo/checkpoints/` (a Hugging Face checkpoint with its tokenizer)"],
     ])
     params = markdown_table(["parameters", "count"], [

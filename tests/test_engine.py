@@ -13,6 +13,7 @@ from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
 from hemat.infer.engine import Engine, EngineRequestError
 from hemat.infer.sampling import SamplingError, SamplingParams
+from hemat.infer.speculative import ChainLength
 from hemat.model.config import ModelConfig
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import train_tokenizer
@@ -168,6 +169,22 @@ def test_chained_mtp_drafts_keep_greedy_output_token_identical(depth, draft_toke
     assert stats["spec_rounds"] < stats["spec_accepted"] < stats["spec_drafted"] or draft_tokens == 1
 
 
+@pytest.mark.parametrize("right, most_often", [(3, 3), (2, 2), (1, 1), (0, 1)])
+def test_auto_chain_length_follows_the_sequences_acceptance(right, most_often):
+    """A sequence whose first `right` drafts are always accepted settles on that many drafts (at least
+    one), retrying a longer chain only now and then."""
+    chain = ChainLength(3)
+    assert chain.next() == 3  # nothing measured yet: the longest chain
+    lengths = []
+    for _ in range(400):
+        n = chain.next()
+        chain.record(accepted=min(right, n), drafted=n)
+        lengths.append(n)
+    settled = lengths[100:]
+    assert settled.count(most_often) > 0.85 * len(settled)
+    assert all(n >= most_often for n in settled)
+
+
 @pytest.mark.parametrize("draft_tokens", [1, 2])
 def test_speculative_sampling_keeps_the_output_distribution(draft_tokens):
     """Draft k tokens from the MTP distributions q (chained for k > 1), verify by rejection sampling: the
@@ -213,13 +230,13 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("speculative", ["off", "auto"])
-def test_requests_give_the_same_output_alone_and_in_a_busy_batch(speculative):
+@pytest.mark.parametrize("speculative, draft_tokens", [("off", None), ("auto", None), ("auto", "auto")])
+def test_requests_give_the_same_output_alone_and_in_a_busy_batch(speculative, draft_tokens):
     model = tiny_model("deepseek_v3")
     prompts = [prompt(n, seed=n) for n in (5, 12, 7, 20, 9)]
-    alone = [Engine(model, page_size=4, speculative=speculative).generate([p], [sp])[0]
-             for p, sp in zip(prompts, MIXED)]
-    busy = Engine(model, max_batch_size=3, page_size=4, speculative=speculative)
+    settings = dict(page_size=4, speculative=speculative, num_speculative_tokens=draft_tokens)
+    alone = [Engine(model, **settings).generate([p], [sp])[0] for p, sp in zip(prompts, MIXED)]
+    busy = Engine(model, max_batch_size=3, **settings)
     together = busy.generate(prompts * 2, MIXED * 2)  # more requests than batch slots: they join as others leave
     for a, b, c in zip(alone, together[:5], together[5:]):
         assert tokens(a) == tokens(b) == tokens(c)
@@ -316,7 +333,7 @@ def test_a_full_pool_makes_requests_wait_and_all_complete():
     model = tiny_model("deepseek_v3")
     params = SamplingParams(max_tokens=20, **GREEDY)
     prompts = [prompt(n, seed=n) for n in (10, 14, 8, 12)]
-    engine = Engine(model, page_size=4, cache_tokens=40)  # one request (≤ 14 + 20 + 3 draft tokens) at a time
+    engine = Engine(model, page_size=4, cache_tokens=36)  # one request (≤ 14 + 20 + 1 tokens) at a time
     most_running = []
     outs = []
     for p in prompts:

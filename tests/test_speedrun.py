@@ -41,6 +41,7 @@ def test_speedrun_runs_every_stage_and_writes_the_report_card(tmp_path):
         results = json.loads((out / "eval" / name / "results.json").read_text())
         assert results["tasks"]["arith"]["n"] == 6
         assert f"| {name.upper()} | {results['tasks']['arith']['metrics']['accuracy']:.1%} |" in report
+    assert "| MTP drafts accepted in the SFT eval | " in report  # the eval decodes with MTP drafts
     samples = [json.loads(line) for line in (out / "eval" / "sft" / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["question"] in report and samples[1]["question"] in report
     assert samples[2]["question"] not in report

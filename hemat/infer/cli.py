@@ -60,8 +60,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["auto", "off"], default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
     add_quantize_arguments(p)
-    p.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
-                   help="MTP draft tokens per round: a count, or auto (per sequence from its acceptance; default)")
+    p.add_argument("--draft-tokens", type=draft_tokens_arg, default=None,
+                   help="MTP draft tokens per round, chained past the MTP depth (default: the depth), or auto: "
+                   "per sequence from its running acceptance")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy")

@@ -5,7 +5,8 @@ its prompt and max_tokens up front, so admitted sequences never have to be preem
 advances the admitted prompts by one padded prefill forward of at most max_prefill_tokens tokens
 (reusing cached prefix pages; long prompts take several steps, so running sequences keep decoding),
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
-the model carries MTP layers. Sequences leave the batch the step they finish; new ones join. On CUDA
+the model carries MTP layers (num_speculative_tokens drafts, chained past the MTP depth, or "auto":
+speculative.py). Sequences leave the batch the step they finish; new ones join. On CUDA
 the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
@@ -182,7 +183,7 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  page_size: int = 16, speculative: str = "auto", device=None, max_prefill_tokens: int = 2048,
-                 cuda_graphs: str = "auto", num_speculative_tokens: int | str = "auto"):
+                 cuda_graphs: str = "auto", num_speculative_tokens: int | str | None = None):
         if device is not None:
             model.to(device)
         model = prepare_for_inference(model)  # the inference forms; `model` itself stays as it was

@@ -310,26 +310,52 @@ def speculative_accept(
     min(1, p_i(x)/q_i(x)); at the first rejection a token is drawn from norm(max(0, p_i - q_i)), and when
     all are accepted a bonus token is drawn from p_k. The emitted tokens are distributed exactly as
     sampling from p. Uses k + V uniforms of the request's generator whatever the outcome."""
-    device = target_probs.device
-    draft = torch.as_tensor(draft_token_ids, dtype=torch.long, device=device).reshape(-1)
+    draft = torch.as_tensor(draft_token_ids, dtype=torch.long, device=target_probs.device).reshape(-1)
     k = _check_draft(target_probs, draft)
-    target_probs = target_probs.float()
-    if draft_probs is None:
-        draft_probs = torch.nn.functional.one_hot(draft, target_probs.shape[-1]).float()
-    if draft_probs.shape != (k, target_probs.shape[-1]):
+    if draft_probs is not None and draft_probs.shape != (k, target_probs.shape[-1]):
         expected = (k, target_probs.shape[-1])
         raise SamplingError(f"draft_probs must be [k, vocab] = {expected}, got {tuple(draft_probs.shape)}")
-    draft_probs = draft_probs.float().to(device)
-    rows = torch.arange(k, device=device)
-    p_x, q_x = target_probs[rows, draft], draft_probs[rows, draft]
-    accept = torch.rand(k, generator=generator, device=device) * q_x < p_x  # u < p/q without dividing by 0
-    num_accepted = int(torch.cumprod(accept.long(), 0).sum()) if k else 0
-    final = target_probs[num_accepted]
-    if num_accepted < k:
-        residual = (final - draft_probs[num_accepted]).clamp(min=0)
-        final = torch.where(residual.sum() > 0, residual, final)  # p == q up to rounding: fall back to p
-    token = _gumbel_argmax(torch.log(final).unsqueeze(0), [generator])
-    return SpeculativeResult(num_accepted, draft[:num_accepted].tolist() + token.tolist())
+    accepted, tokens = speculative_accept_batch(target_probs[None], draft[None], [k],
+                                                None if draft_probs is None else draft_probs[None], [generator])
+    return SpeculativeResult(accepted[0], draft[: accepted[0]].tolist() + [tokens[0]])
+
+
+def speculative_accept_batch(
+    target_probs: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    num_drafts: Sequence[int],
+    draft_probs: torch.Tensor | None,
+    generators: Sequence[torch.Generator],
+) -> tuple[list[int], list[int]]:
+    """speculative_accept for B requests at once: target_probs [B, n+1, V], draft_token_ids [B, n] of which
+    row i's own are the first num_drafts[i], draft_probs [B, n, V] or None (one-hot q) → (drafts accepted,
+    the token drawn after them) per row. Row i draws exactly what speculative_accept draws alone from
+    generators[i] (num_drafts[i] + V uniforms), so a row's outcome does not depend on the others."""
+    device = target_probs.device
+    target_probs = target_probs.float()
+    b, n = draft_token_ids.shape
+    own = torch.arange(n, device=device) < torch.tensor(list(num_drafts), device=device)[:, None]
+    p_x = target_probs[:, :n].gather(-1, draft_token_ids[..., None])[..., 0]
+    q_x = torch.ones_like(p_x) if draft_probs is None else draft_probs.float().gather(-1, draft_token_ids[..., None])[..., 0]
+    uniforms = torch.zeros(b, n, device=device)
+    for i, (g, k) in enumerate(zip(generators, num_drafts)):
+        uniforms[i, :k] = torch.rand(k, generator=g, device=device)
+    accept = (uniforms * q_x < p_x) & own  # u < p/q without dividing by 0
+    num_accepted = accept.long().cumprod(1).sum(1)
+    rows = torch.arange(b, device=device)
+    final = target_probs[rows, num_accepted]
+    rejected = num_accepted < own.sum(1)
+    if bool(rejected.any()):
+        at = num_accepted.clamp(max=max(n - 1, 0))
+        if draft_probs is None:
+            q = torch.nn.functional.one_hot(draft_token_ids[rows, at], final.shape[-1]).float()
+        else:
+            q = draft_probs.float()[rows, at]
+        residual = (final - q).clamp(min=0)
+        use = rejected & (residual.sum(-1) > 0)  # p == q up to rounding: fall back to p
+        final = torch.where(use[:, None], residual, final)
+    tokens = _gumbel_argmax(torch.log(final), generators)
+    return num_accepted.tolist(), tokens.tolist()
 
 
 def speculative_accept_greedy(
@@ -344,6 +370,58 @@ def speculative_accept_greedy(
     return SpeculativeResult(num_accepted, draft[:num_accepted].tolist() + [int(best[num_accepted])])
 
 
+def verify_drafts(
+    logits: torch.Tensor,
+    draft_token_ids: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    draft_probs: Sequence[torch.Tensor | None],
+    prompt_token_ids: Sequence[History],
+    output_token_ids: Sequence[History],
+) -> list[SpeculativeResult]:
+    """Verify the drafts of B requests from the target's raw logits [B, n+1, V] in one pass: row i holds
+    len(draft_token_ids[i]) <= n drafts, drawn from draft_probs[i] [k_i, V] (None: deterministic drafts).
+    Target row j of request i is processed with its params as if its drafts 0..j-1 were already output
+    (so penalties see them), then accepted greedily (the argmax) or by rejection sampling. Raw logprobs
+    of the emitted tokens: gather_logprobs."""
+    b, rows, vocab = logits.shape
+    n, device = rows - 1, logits.device
+    lengths = [len(d) for d in draft_token_ids]
+    drafts = torch.tensor([list(d) + [0] * (n - len(d)) for d in draft_token_ids], dtype=torch.long,
+                          device=device).view(b, n)
+    penalised = any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params)
+    prompts = outputs = None
+    if penalised:  # each row's history grows by the drafts before it
+        prompts = [prompt_token_ids[i] for i in range(b) for _ in range(rows)]
+        outputs = [[int(t) for t in torch.as_tensor(output_token_ids[i], dtype=torch.long).reshape(-1).tolist()]
+                   + list(draft_token_ids[i][:j]) for i in range(b) for j in range(rows)]
+    processed = process_logits(logits.reshape(b * rows, vocab), [p for p in params for _ in range(rows)],
+                               prompts, outputs).view(b, rows, vocab)
+    best = processed.argmax(-1)
+    own = torch.arange(n, device=device) < torch.tensor(lengths, device=device)[:, None]
+    accepted = ((best[:, :n] == drafts) & own).long().cumprod(1).sum(1).tolist()
+    tokens = [best[i, a] for i, a in enumerate(accepted)]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=device)
+        q = None
+        if any(draft_probs[i] is not None for i in sampled):
+            q = torch.zeros(len(sampled), n, vocab, device=device)
+            for row, i in enumerate(sampled):
+                probs = draft_probs[i]
+                if probs is None:
+                    probs = torch.nn.functional.one_hot(drafts[i, : lengths[i]], vocab)
+                elif probs.shape != (lengths[i], vocab):
+                    raise SamplingError(f"draft_probs[{i}] must be [k, vocab] = {(lengths[i], vocab)}, "
+                                        f"got {tuple(probs.shape)}")
+                q[row, : lengths[i]] = probs
+        counts, drawn = speculative_accept_batch(torch.softmax(processed[index], dim=-1), drafts[index],
+                                                 [lengths[i] for i in sampled], q, [generators[i] for i in sampled])
+        for i, a, token in zip(sampled, counts, drawn):
+            accepted[i], tokens[i] = a, token
+    return [SpeculativeResult(a, list(d[:a]) + [int(t)]) for a, d, t in zip(accepted, draft_token_ids, tokens)]
+
+
 def verify_draft(
     logits: torch.Tensor,
     draft_token_ids: Sequence[int],
@@ -353,15 +431,8 @@ def verify_draft(
     prompt_token_ids: History = (),
     output_token_ids: History = (),
 ) -> SpeculativeResult:
-    """Verify k draft tokens for one request from the target's raw logits [k+1, V]. Row i is processed
-    with the request's params as if drafts 0..i-1 were already output (so penalties see them), then
-    accepted greedily or by speculative_accept. Raw logprobs of the emitted tokens: gather_logprobs."""
+    """verify_drafts for one request: target logits [k+1, V]."""
     draft = [int(t) for t in draft_token_ids]
-    output = [int(t) for t in torch.as_tensor(output_token_ids, dtype=torch.long).reshape(-1).tolist()]
-    rows = len(draft) + 1
-    processed = process_logits(
-        logits, [params] * rows, [prompt_token_ids] * rows, [output + draft[:i] for i in range(rows)]
-    )
-    if params.greedy:
-        return speculative_accept_greedy(processed, draft)
-    return speculative_accept(torch.softmax(processed, dim=-1), draft, draft_probs, generator)
+    _check_draft(logits, torch.tensor(draft, dtype=torch.long))
+    return verify_drafts(logits[None], [draft], [params], [generator], [draft_probs], [prompt_token_ids],
+                         [output_token_ids])[0]

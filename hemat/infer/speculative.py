@@ -20,9 +20,12 @@ Entries of depth k at positions j <= m - k were computed from committed tokens o
 read drafts, so the next round recomputes every depth from mtp_start = m - D + 1. The sequence keeps
 the main hidden states from mtp_start on for that (D rows; one for DeepSeek-V3's single depth).
 
-The number of drafts n is fixed (num_speculative_tokens=N) or chosen per sequence and round ("auto"):
-the longest chain whose drafts the sequence lately accepted whole at least AUTO_MIN_PROBABILITY of the
-time. A batch drafts as many as its longest row; a row verifies only its own."""
+The number of drafts n is fixed (num_speculative_tokens=N; by default the MTP depth D, the fastest
+measured on CPU for DeepSeek-V3's D = 1) or chosen per sequence and round ("auto"):
+the longest chain (up to AUTO_MAX_TOKENS) that the sequence's running record says is accepted whole at
+least AUTO_MIN_PROBABILITY of the time. Per sequence, so that a seeded request draws the same alone or
+in any batch. A batch drafts as many as its longest sampled row, or the shortest greedy one (a longer
+chain costs every row its verify positions), and a row verifies only its own."""
 
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from hemat.errors import HematError
-from hemat.infer.sampling import gather_logprobs, process_logits, verify_draft
+from hemat.infer.sampling import gather_logprobs, process_logits, verify_drafts
 
 AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
-AUTO_MIN_PROBABILITY = 0.6  # draft j only while all of drafts 1..j are accepted this often
+AUTO_MIN_PROBABILITY = 0.75  # draft j only while drafts 1..j are all accepted this often (a verify
+# position costs a fair share of a decode step once a CPU batch is compute-bound: 0.6 lost at batch 16)
 DECAY = 0.98  # the running acceptance statistics forget at this rate per round
 
 
@@ -51,32 +55,33 @@ class ChainLength:
     in any batch."""
 
     def __init__(self, max_tokens: int):
-        self.rounds, self.reached = 0.0, [0.0] * max_tokens  # decayed: rounds, and rounds accepting drafts 1..j+1
+        # decayed counts per draft position j: rounds that drafted it after accepting drafts 0..j-1, and
+        # rounds that accepted it too
+        self.tried, self.accepted = [0.0] * max_tokens, [0.0] * max_tokens
 
     def next(self) -> int:
-        """The longest chain whose drafts are all accepted with probability >= AUTO_MIN_PROBABILITY,
-        estimated from the conditional rate of each position (past the deepest drafted, that one's)."""
-        n, chance, rate = 1, 1.0, 1.0
-        for j in range(len(self.reached)):
-            before = self.rounds if j == 0 else self.reached[j - 1]
-            if before > 0 and (j == 0 or self.reached[j] > 0):
-                rate = self.reached[j] / before
-            chance *= rate
+        """The longest chain whose drafts are all accepted with probability >= AUTO_MIN_PROBABILITY, from
+        each position's conditional rate. The rates start at 1 (one accepted try as the prior), and a poor
+        record fades, so longer chains are tried again now and then."""
+        n, chance = 1, 1.0
+        for j, (tried, accepted) in enumerate(zip(self.tried, self.accepted)):
+            chance *= (accepted + 1) / (tried + 1)
             if chance < AUTO_MIN_PROBABILITY:
                 break
             n = j + 1
         return n
 
     def record(self, accepted: int, drafted: int) -> None:
-        self.rounds = self.rounds * DECAY + 1
-        for j in range(len(self.reached)):
-            self.reached[j] = self.reached[j] * DECAY + (j < min(accepted, drafted))
+        for j in range(len(self.tried)):
+            self.tried[j] = self.tried[j] * DECAY + (j < drafted and j <= accepted)
+            self.accepted[j] = self.accepted[j] * DECAY + (j < accepted)
 
 
 class MTPDrafter:
-    def __init__(self, model, cache, num_speculative_tokens: int | str = "auto"):
+    def __init__(self, model, cache, num_speculative_tokens: int | str | None = None):
         self.model, self.cache = model, cache
         self.depth = len(model.mtp_layers)
+        num_speculative_tokens = self.depth if num_speculative_tokens is None else num_speculative_tokens
         self.adaptive = num_speculative_tokens == "auto"
         if not self.adaptive and (isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int)
                                   or num_speculative_tokens < 1):
@@ -124,8 +129,12 @@ class MTPDrafter:
         as (logprob, top ids, top logprobs) tensors or None). grammars (constraints.Grammars): masks the
         drafts and target rows of sequences with a grammar state (`s.grammar`)."""
         d = self.depth
-        ns = [self._num_tokens(s) for s in seqs]  # drafts per row; the batch drafts the most of them
-        n = max(ns)
+        ns = [self._num_tokens(s) for s in seqs]  # drafts per row
+        # a batch drafts (and verifies) as many as its longest row wants: sampled rows keep their own count
+        # (it decides their random draws), greedy rows, whose output no count changes, the fewest of theirs
+        greedy = [k for k, s in zip(ns, seqs) if s.params.greedy]
+        n = max([k for k, s in zip(ns, seqs) if not s.params.greedy] + [min(greedy, default=1)])
+        ns = [min(k, n) for k in ns]
         ms = [s.num_cached for s in seqs]
         for s, m in zip(seqs, ms):
             grow(s, m + n + 1)  # the verify forward's positions; chained drafts write before them
@@ -138,8 +147,8 @@ class MTPDrafter:
         logits = self.model.logits(hidden)  # [B, n + 1, V]
         if fast:  # accepted: a row's drafts that equal the target's argmax, up to the first that does not
             best = logits.argmax(-1)
-            own = torch.arange(n) < torch.tensor(ns)[:, None]
-            accepted = ((best[:, :n] == drafts) & own.to(drafts.device)).cumprod(1).sum(1).tolist()
+            own = torch.arange(n, device=best.device) < torch.tensor(ns, device=best.device)[:, None]
+            accepted = ((best[:, :n] == drafts) & own).cumprod(1).sum(1).tolist()
             results = [(tokens[: a + 1], None) for tokens, a in zip(best.tolist(), accepted)]
         else:
             own_drafts = [row[:k] for row, k in zip(drafts.tolist(), ns)]
@@ -167,7 +176,7 @@ class MTPDrafter:
         # committed tokens x_{start+1}..x_m, then each depth's draft for the deeper depths to read
         ids = self._ids([s.tokens(start + 1, m + 1) for s, start, m in zip(seqs, starts, ms)], t + d)
         hidden = pad_sequence([s.hidden for s in seqs], batch_first=True)
-        rows, last = torch.arange(b), torch.tensor(lengths) - 1
+        rows, last = torch.arange(b, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1
         drafts, qs = [], None if fast else [[] for _ in seqs]
         advanced = [0] * b  # draft tokens each grammar state accepted
         for j in range(max(n, d)):
@@ -195,39 +204,41 @@ class MTPDrafter:
     def _pick(logits, seqs, drafts, qs, grammars, advanced, ns) -> torch.Tensor:
         """One draft per row with the row's processing (penalties, grammar): greedy rows take the argmax,
         sampled rows draw from q (kept in qs for the verifier); rows past their own count, the argmax."""
-        so_far = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in seqs]
-        processed = process_logits(logits, [s.params for s in seqs], [s.prompt for s in seqs],
-                                   [s.output + dr for s, dr in zip(seqs, so_far)])
+        params = [s.params for s in seqs]
+        prompts = outputs = None
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            so_far = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in seqs]
+            prompts, outputs = [s.prompt for s in seqs], [s.output + dr for s, dr in zip(seqs, so_far)]
+        processed = process_logits(logits, params, prompts, outputs)
         if grammars is not None:  # drafts follow the grammar, which advances over them
             processed = grammars.mask(processed, [s.grammar for s in seqs])
-        tokens = []
+        tokens = processed.argmax(-1).tolist()
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy and len(drafts) < ns[i]]
+        probs = torch.softmax(processed[sampled], dim=-1) if sampled else None
+        for row, i in enumerate(sampled):  # draw the draft from q and hand q to the verifier
+            tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+            qs[i].append(probs[row])
         for i, s in enumerate(seqs):
-            if s.params.greedy or len(drafts) >= ns[i]:
-                token = int(processed[i].argmax())
-            else:  # draw the draft from q and hand q to the verifier
-                q = torch.softmax(processed[i], dim=-1)
-                token = int(torch.multinomial(q, 1, generator=s.generator))
-                qs[i].append(q)
-            tokens.append(token)
             if grammars is not None and s.grammar is not None and not s.grammar.is_terminated():
-                advanced[i] += s.grammar.accept_token(token)
+                advanced[i] += s.grammar.accept_token(tokens[i])
         return torch.tensor(tokens, device=logits.device)
 
     def _verify(self, seqs, logits, drafts: list[list[int]], qs, grammars):
-        """Per-row verification (penalties, sampling, logprobs, grammars) → (results, accepted counts)."""
+        """Verification with each row's processing (penalties, sampling, grammars) in one batched pass,
+        and the raw logprobs of rows that ask → (results, accepted counts)."""
         if grammars is not None:
             logits = self._mask_targets(logits, seqs, drafts, grammars)
-        results, accepted = [], []
-        for i, s in enumerate(seqs):
-            draft_probs = torch.stack(qs[i]) if qs[i] else None
-            res = verify_draft(logits[i, : len(drafts[i]) + 1], drafts[i], s.params, s.generator, draft_probs, s.prompt, s.output)
+        verdicts = verify_drafts(logits, drafts, [s.params for s in seqs], [s.generator for s in seqs],
+                                 [torch.stack(q) if q else None for q in qs], [s.prompt for s in seqs],
+                                 [s.output for s in seqs])
+        results = []
+        for i, (s, res) in enumerate(zip(seqs, verdicts)):
             logprobs = None
             if s.params.logprobs:
                 emitted = torch.tensor(res.token_ids, device=logits.device)
                 logprobs = gather_logprobs(logits[i, : res.num_accepted + 1], emitted, s.params.top_logprobs)
             results.append((res.token_ids, logprobs))
-            accepted.append(res.num_accepted)
-        return results, accepted
+        return results, [res.num_accepted for res in verdicts]
 
     @staticmethod
     def _mask_targets(logits: torch.Tensor, seqs, drafts, grammars) -> torch.Tensor:

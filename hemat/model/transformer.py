@@ -96,7 +96,7 @@ class CausalLM(nn.Module):
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:
-        return list(self.model.layers[self.config.num_hidden_layers :])
+        return list(self.model.layers)[self.config.num_hidden_layers :]  # slicing a ModuleList builds one: slow
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

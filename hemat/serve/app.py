@@ -513,8 +513,9 @@ def add_command(subparsers) -> set[str]:
     add_quantize_arguments(p)
     p.add_argument("--speculative", choices=("auto", "off"), default="auto",
                    help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
-    p.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
-                   help="MTP draft tokens per round: a count, or auto (per sequence from its acceptance; default)")
+    p.add_argument("--draft-tokens", type=draft_tokens_arg, default=None,
+                   help="MTP draft tokens per round, chained past the MTP depth (default: the depth), or auto: "
+                   "per sequence from its running acceptance")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running streams may take to finish after SIGTERM (default 30)")
     p.set_defaults(func=serve_command)
