@@ -1,5 +1,7 @@
 """Tiny random Hugging Face models built and saved by transformers itself, the reference for parity."""
 
+import copy
+
 import torch
 
 DEEPSEEK_BASE = dict(
@@ -30,6 +32,7 @@ def make_hf_model(kind: str, path, **overrides):
     to `path`."""
     import transformers
 
+    overrides = copy.deepcopy(overrides)  # transformers' configs fill rope_scaling in place: keep YARN & co. intact
     torch.manual_seed(1)
     if kind == "deepseek_v3":
         config = transformers.DeepseekV3Config(**{**DEEPSEEK_BASE, **overrides})
