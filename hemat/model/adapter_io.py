@@ -183,8 +183,8 @@ def load_merged(path: str | Path, device=None, dtype=None):
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Load `base`, add and merge the adapter, write a full checkpoint (with the base's tokenizer) to `out`."""
-    from hemat.model.convert import TOKENIZER_FILES
-    from hemat.model.hf import from_pretrained, publish_dir, read_checkpoint_config
+    from hemat.model.convert import save_with_tokenizer
+    from hemat.model.hf import from_pretrained, read_checkpoint_config
     from hemat.model.hub import resolve_model_source
 
     src, out = resolve_model_source(base), Path(out)
@@ -195,18 +195,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     model = from_pretrained(src)
     load_adapter(model, adapter)
     merge_adapters(model)
-    tmp = out.with_name(f".{out.name}.merge-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return save_with_tokenizer(model, src, out)
 
 
 def add_command(subparsers) -> set[str]:
