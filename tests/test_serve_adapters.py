@@ -58,11 +58,12 @@ def adapters(checkpoint) -> dict[str, Path]:
                                                                             targets=("kv_b_proj", "up_proj")), 2)}
 
 
-def generate_alone(checkpoint: Path, adapter: Path | None, prompt: str) -> str:
-    """Greedy text from `hemat generate [--lora DIR]`'s engine: the adapter merged into the weights."""
+def generate_alone(checkpoint: Path, adapter: Path | None, prompt: str, chat: bool = False) -> str:
+    """Greedy text from `hemat generate [--lora DIR] [--chat]`'s engine: the adapter merged into the weights."""
     argv = ["generate", "--model", str(checkpoint), "--prompt", prompt, "--temperature", "0",
             "--max-tokens", str(MAX_TOKENS), "--ignore-eos"] + (["--lora", str(adapter)] if adapter else [])
     engine, params = _load_engine(build_parser("generate").parse_args(argv))
+    prompt = [{"role": "user", "content": prompt}] if chat else prompt
     return engine.generate(prompt, params)[0].outputs[0].text
 
 
@@ -97,6 +98,9 @@ def test_served_adapters_share_a_batch_and_match_generate_alone(checkpoint, adap
             assert text == expected[key], key
         for model in [BASE, *adapters]:  # one after another: each finds only its own adapter's cached prefix
             assert complete((model, PROMPTS[2]))[1] == expected[(model, PROMPTS[2])]
+        r = client.chat.completions.create(model="kv-b-and-up", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == generate_alone(checkpoint, adapters["kv-b-and-up"], "Hi", chat=True)
         with pytest.raises(openai.NotFoundError) as e:  # as OpenAI answers an unknown model
             client.completions.create(model="no-such-adapter", prompt="Hi", max_tokens=1)
         assert e.value.body["code"] == "model_not_found" and "`every-linear`" in e.value.body["message"]

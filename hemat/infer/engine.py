@@ -11,7 +11,9 @@ the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
 accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
-(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt.
+(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt. A request may name
+one of the LoRA adapters of a model from adapters.py: each forward tells the model each row's adapter (MTP
+drafts come from the base's MTP layers; their verification runs the row's adapter).
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
 gives the same tokens alone or in any batch. `step()` runs either on a background thread (`start()`)
