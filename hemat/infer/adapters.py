@@ -30,7 +30,7 @@ from hemat.errors import HematError
 from hemat.infer.quantize import FoldedMLA, FusedMLP, prepare_loaded
 from hemat.model.adapter_io import load_adapter, remove_adapters
 from hemat.model.dense import MLP
-from hemat.model.lora import LoraExperts, LoraError, _decoder_modules, adapter_modules
+from hemat.model.lora import LoraExperts, LoraError, decoder_modules, adapter_modules
 from hemat.model.mla import MLAttention
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name → (A [r, in], scaling · B [out, r])
@@ -112,7 +112,7 @@ def prepare_with_adapters(model, adapters: dict[str, str | Path], quantize: str 
     rows = AdapterRows(list(adapters), model.dtype)
     dtype, device = model.dtype, model.device
     served = set()
-    for path, ref in _decoder_modules(model):
+    for path, ref in decoder_modules(model):
         form = prepared.get_submodule(path) if isinstance(ref, (MLAttention, MLP)) else None
         if isinstance(form, FoldedMLA):
             joins = {"down": ["q_a_proj", "kv_a_proj_with_mqa"] if ref.q_rank else ["kv_a_proj_with_mqa"],
