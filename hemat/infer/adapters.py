@@ -4,9 +4,10 @@ picked by the row's adapter index (0: the base, no update).
 
 The updates of all adapters run as two matmuls over their factors stacked side by side, x · [A_1; …; A_n]ᵀ
 masked to each row's own rank columns, then · [B_1, …, B_n]ᵀ, rather than Punica's per-row gathers of A_i
-and B_i and batched matmuls: on CPU, with a few adapters, three ops per projection instead of six kept 0.74
-of the base's batch-8 tokens/s against 0.60 (benchmarks/served_adapters.py, cpu-tiny, 4 adapters of rank
-16). The masked work grows with adapters × rank, so this suits a handful of adapters, not hundreds.
+and B_i and batched matmuls: on CPU, with a few adapters, three ops per projection instead of six ran
+streams spread over the adapters at 0.74-0.83 of the same engine's base-only tokens/s, against 0.60 with
+gathers (benchmarks/served_adapters.py: cpu-tiny, batch 8, 4 adapters of rank 16, one thread). The masked
+work grows with adapters × rank, so this suits a handful of adapters, not hundreds.
 
 `prepare_with_adapters(model, {name: dir}, ...)` loads each adapter onto the reference model in turn
 (adapter_io checks names and shapes against the base and names the file), takes its factors, puts the
