@@ -135,7 +135,7 @@ def load_adapter(model, path: str | Path) -> LoraConfig:
         add_adapters(model, config, names, base_model=raw.get("base_model_name_or_path"))
         load_adapter_state(model, tensors, file)
     except LoraError:
-        _remove_adapters(model)
+        remove_adapters(model)
         raise
     return config
 
@@ -157,7 +157,7 @@ def load_adapter_state(model, tensors: dict[str, torch.Tensor], file: Path) -> N
             param.copy_(tensors[key])
 
 
-def _remove_adapters(model) -> None:
+def remove_adapters(model) -> None:
     """Put the base modules back (the model as it was before a failed load)."""
     for name, wrapper in adapter_modules(model).items():
         parent, _, child = name.rpartition(".")

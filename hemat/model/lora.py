@@ -166,7 +166,7 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
-def _decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Candidates for adapters: the modules inside the decoder layers (MTP layers excluded)."""
     n = model.config.num_hidden_layers
     layer = re.compile(r"^model\.layers\.(\d+)\.")
@@ -177,7 +177,7 @@ def _decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The names of the modules `config` adapts: errors name a pattern that matches nothing, a matched
     module that is neither a linear layer nor routed experts, and a rank larger than a layer."""
-    modules = _decoder_modules(model)
+    modules = decoder_modules(model)
     adaptable = [(n, m) for n, m in modules if type(m) is nn.Linear or isinstance(m, RoutedExperts)]
     if config.targets is None:
         patterns = [p for p in DEFAULT_TARGETS if any(_matches(n, p) for n, _ in adaptable)]
