@@ -32,6 +32,8 @@ class CompiledDecode:
         self.lock = threading.Lock()  # guards pending and worker
         self.worker: threading.Thread | None = None
         self.failed = False
+        # inductor's settings are per thread: the worker compiles with those of the thread that made the engine
+        self.inductor_config = torch._inductor.config.get_config_copy()
         self.compile_seconds = 0.0
         self.compiled_steps = 0
 
@@ -76,7 +78,8 @@ class CompiledDecode:
         inputs = torch.zeros(batch, width + 2, dtype=torch.long, device=self.decode.cache.device)  # all padding
         start = time.perf_counter()
         try:
-            with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+            with (torch.inference_mode(), torch._inductor.config.patch(self.inductor_config),
+                  torch._dynamo.config.patch(recompile_limit=self.recompile_limit)):
                 self.fn(inputs, copy.copy(self.decode.cache))
         except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
