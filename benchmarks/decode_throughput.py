@@ -3,13 +3,15 @@
 Builds a random model from a preset (default cpu-tiny), saves it, loads it in both, then alternates the
 contenders in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on all
 sides, prefill included in the time): transformers, hemat's plain decoding and, when the checkpoint
-carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto". Prints
+carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto", and with
+--compile the plain decode step compiled by torch.compile (its buckets compiled before the timing, the
+compile time printed, its greedy tokens checked against plain decoding's). Prints
 wall-clock tokens/s, each one's ratio to plain decoding (and the hemat/transformers ratio of tokens per
 second of process CPU time, less disturbed by other load on a shared machine), the draft acceptance and
 tokens per round, and KV-cache bytes per token. A random model's drafts are rarely right: measure MTP
 on a trained checkpoint (the speedrun's `pretrain/checkpoints/step-500`).
 
-    python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--draft-tokens 1,2,3,auto] [--quick]
+    python benchmarks/decode_throughput.py [--config cpu-tiny | --checkpoint DIR] [--draft-tokens 1,2,3,auto] [--compile] [--quick]
     python benchmarks/decode_throughput.py --config benchmarks/shapes/smollm-135m.json   # a 135M llama
 """
 
@@ -52,15 +54,27 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float
     return tokens / elapsed, tokens / cpu, kv
 
 
-def time_hemat(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(tokens/s wall-clock, tokens/s of process CPU time)."""
+def time_hemat(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, list]:
+    """(tokens/s wall-clock, tokens/s of process CPU time, the generated token ids)."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start, cpu = time.perf_counter(), time.process_time()
     outs = engine.generate(prompts.tolist(), params)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
     tokens = prompts.shape[0] * new_tokens
-    return tokens / elapsed, tokens / cpu
+    return tokens / elapsed, tokens / cpu, [o.outputs[0].token_ids for o in outs]
+
+
+def compiled_engine(model, batch: int, span: int) -> Engine:
+    """An engine with the compiled decode step, the bucket of this run compiled (timed apart)."""
+    engine = Engine(model, max_batch_size=batch, speculative="off", compile_decode=True)
+    compiled = engine.static_decode.compiled
+    compiled.queue(engine.static_decode.bucket(batch, span))
+    compiled.wait()
+    stats = engine.stats()
+    print(f"           compiled: {stats['decode_compiled_buckets']} bucket(s) in {stats['decode_compile_s']:.1f} s"
+          + (" (FAILED: eager)" if stats["decode_compile_failed"] else ""))
+    return engine
 
 
 def main() -> None:
@@ -76,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is steadier on a shared machine)")
     parser.add_argument("--draft-tokens", default="1,2,3,auto", help="MTP draft counts to compare with plain decoding")
+    parser.add_argument("--compile", action="store_true", help="also time the decode step compiled by torch.compile")
     parser.add_argument("--quick", action="store_true", help="a short run: 32 new tokens, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -108,18 +123,22 @@ def main() -> None:
         engine = Engine(model, max_batch_size=batch, speculative="off")
         engines = {"plain": engine, **{f"MTP k={d}": Engine(model, max_batch_size=batch, speculative="mtp",
                                                             num_speculative_tokens=d) for d in drafts}}
+        if args.compile:
+            engines["compiled"] = compiled_engine(model, batch, args.prompt_tokens + args.new_tokens)
         time_hf(reference, prompts[:, :8], 4)  # warm up every contender
         for e in engines.values():
             time_hemat(e, prompts[:, :8], 4)
         names = ["transformers", *engines]
         rates = {name: [] for name in names}
+        outputs = {}
         for r in range(args.rounds):  # rotate the order so that machine drift weighs on every contender
             for name in names[r % len(names):] + names[: r % len(names)]:
                 if name == "transformers":
                     *rate, hf_kv = time_hf(reference, prompts, args.new_tokens)
                     rates[name].append(rate)
                 else:
-                    rates[name].append(time_hemat(engines[name], prompts, args.new_tokens))
+                    *rate, outputs[name] = time_hemat(engines[name], prompts, args.new_tokens)
+                    rates[name].append(rate)
         best = {name: tuple(max(x[i] for x in rates[name]) for i in (0, 1)) for name in names}
         plain = best["plain"][0]
         hf_rate, hf_cpu = best["transformers"]
@@ -127,6 +146,13 @@ def main() -> None:
               f"ratio {plain / hf_rate:5.2f}x  (per CPU second: {best['plain'][1] / hf_cpu:5.2f}x)")
         for name in engines:
             if name == "plain":
+                continue
+            if name == "compiled":
+                same = "identical" if outputs["compiled"] == outputs["plain"] else "DIFFERENT"
+                print(f"           compiled   {best[name][0]:9.1f} tok/s = {best[name][0] / plain:5.2f}x plain "
+                      f"(per CPU second: {best[name][1] / best['plain'][1]:5.2f}x; vs transformers "
+                      f"{best[name][0] / hf_rate:5.2f}x, per CPU second {best[name][1] / hf_cpu:5.2f}x), "
+                      f"greedy tokens {same}, {engines[name].stats()['decode_compiled_steps']} compiled steps")
                 continue
             stats = engines[name].stats()
             rounds = 1 + stats["spec_accepted"] / max(stats["spec_rounds"], 1)

@@ -91,8 +91,8 @@ def test_paged_cache_matches_full_forward_for_a_ragged_batch(kind):
             full = model(torch.tensor([seq[: done[i]]]))[0]
             assert (torch.cat(got[i]) - full).abs().max().item() <= 1e-4
     if kind == "deepseek_v3":  # only the normalised latent and the RoPE key are stored
-        latent, k_pe = cache.layers[0]
-        assert latent.shape[1:] == (config.kv_lora_rank,) and k_pe.shape[1:] == (config.qk_rope_head_dim,)
+        (store,) = cache.stores[0]
+        assert store.shape[1:] == (config.kv_lora_rank + config.qk_rope_head_dim,)
         assert cache.bytes_per_token == (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
 
 

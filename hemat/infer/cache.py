@@ -115,15 +115,14 @@ class PagedCache:
         self.allocator = PageAllocator(num_pages, page_size)
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         slots = (num_pages + 1) * page_size
-        if config.is_mla:  # the latent and the RoPE key side by side in one store, gathered in one go
-            widths = [config.kv_lora_rank, config.qk_rope_head_dim]
-            self.stores = [(torch.zeros(slots, sum(widths), dtype=dtype, device=device),) for _ in range(num_layers)]
-            self.layers = [tuple(store.split(widths, dim=-1)) for (store,) in self.stores]
+        if config.is_mla:  # the latent and the RoPE key side by side in one store, written and gathered in one go
+            width = config.kv_lora_rank + config.qk_rope_head_dim
+            self.stores = [(torch.zeros(slots, width, dtype=dtype, device=device),) for _ in range(num_layers)]
         else:
             shape = (config.num_key_value_heads, config.dense_head_dim)
-            self.stores = self.layers = [tuple(torch.zeros(slots, *shape, dtype=dtype, device=device) for _ in "kv")
-                                         for _ in range(num_layers)]
-        elements = sum(t[0].numel() for t in self.layers[0]) if num_layers else 0
+            self.stores = [tuple(torch.zeros(slots, *shape, dtype=dtype, device=device) for _ in "kv")
+                           for _ in range(num_layers)]
+        elements = sum(t[0].numel() for t in self.stores[0]) if num_layers else 0
         element_size = torch.empty(0, dtype=dtype).element_size()
         # bytes one token costs in the main layers (MTP layers' share is reported apart)
         self.bytes_per_token = elements * element_size * config.num_hidden_layers
@@ -180,14 +179,15 @@ class PagedCache:
         """Write the new tokens' entries of one layer, return every entry [B, S, ...] and the mask. MLA's
         (latent, k_pe) come back as the two halves of one gathered [B, S, r + rope] buffer."""
         b, t, s = self._shape
-        for store, x in zip(self.layers[layer_idx], new):
+        stores, widths = self.stores[layer_idx], [x.shape[-1] for x in new]
+        if len(stores) < len(new):  # MLA: whole rows in one write (torch.compile copies a whole store
+            new = (torch.cat([x.reshape(b * t, -1) for x in new], dim=-1),)  # to write into column views of it)
+        for store, x in zip(stores, new):
             x = x.reshape(b * t, *store.shape[1:])
             store.index_copy_(0, self._write, x if x.dtype == store.dtype else x.to(store.dtype))
-        out = []
-        for store in self.stores[layer_idx]:
-            out.append(store.index_select(0, self._read).view(b, s, *store.shape[1:]))
-        if len(out) < len(new):
-            out = out[0].split([x.shape[-1] for x in new], dim=-1)
+        out = [store.index_select(0, self._read).view(b, s, *store.shape[1:]) for store in stores]
+        if len(out) < len(widths):
+            out = out[0].split(widths, dim=-1)
         return (*out, self._mask)
 
     def copy_page(self, src: int, dst: int) -> None:

@@ -13,8 +13,9 @@ Left on the host per token: that one input copy (asynchronous) and the read of t
 (the scheduler needs them for stop checks and streaming), which is the step's one synchronisation.
 
 A bucket is captured after CAPTURE_AFTER eager uses, so shapes a run rarely meets cost no capture; with
-capture=False (CPU, or `Engine(cuda_graphs="eager")`) the same bucketed step always runs eagerly, which
-is how the CPU tests check it against the plain decode. Graphs read the weights by address: when the
+capture=False (CPU, or `Engine(cuda_graphs="eager")`) the same bucketed step runs eagerly, which is how
+the CPU tests check it against the plain decode, or, with compile=True, compiled by torch.compile per
+bucket (compiled_decode.py). Graphs read the weights by address: when the
 parameters change (an optimizer step, a load) every graph is dropped and recaptured on later use."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from hemat.infer.cache import PagedCache
+from hemat.infer.compiled_decode import CompiledDecode
 
 MIN_SPAN = 256  # the smallest attended-span bucket, in tokens
 
@@ -41,9 +43,10 @@ class _Graph:
 class BucketedDecode:
     CAPTURE_AFTER = 2  # eager uses of a bucket before it is recorded
 
-    def __init__(self, model, cache: PagedCache, max_batch_size: int, max_context: int, capture: bool):
+    def __init__(self, model, cache: PagedCache, max_batch_size: int, max_context: int, capture: bool,
+                 compile: bool = False):
         self.model, self.cache = model, cache
-        self.capture = capture  # False: always eager
+        self.capture = capture  # False: eager, or compiled where `compile` (CPU: compiled_decode.py)
         self.batch_buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         ps = cache.page_size
         limit = -(-max_context // ps) * ps
@@ -58,6 +61,10 @@ class BucketedDecode:
         self.tensors = [*model.parameters(), *model.buffers()]
         self.weights_key = self._weights_key()
         self.enabled = True  # False after a failed capture: the engine then takes its plain decode path
+        self.compiled = None
+        if compile:
+            self.compiled = CompiledDecode(self, len(self.batch_buckets) * len(self.span_buckets))
+            self.compiled.queue(self.bucket(1, 1))  # the first request's bucket, compiled at start-up
 
     def bucket(self, rows: int, span: int) -> tuple[int, int]:
         """(padded batch, padded span in pages) for `rows` sequences attending to at most `span` positions."""
@@ -76,7 +83,8 @@ class BucketedDecode:
         inputs = torch.tensor(rows, dtype=torch.long)
         graph = self._graph((batch, width)) if self.capture else None
         if graph is None:
-            return self.forward(inputs.to(self.cache.device), width)[:n]
+            logits = self.compiled(inputs, (batch, width)) if self.compiled is not None else None
+            return (logits if logits is not None else self.forward(inputs.to(self.cache.device), width))[:n]
         graph.copied.synchronize()  # the previous step's copy has left the staging buffer
         graph.staging.copy_(inputs)
         with torch.cuda.device(self.cache.device):
@@ -85,12 +93,14 @@ class BucketedDecode:
             graph.graph.replay()
         return graph.logits[:n]
 
-    def forward(self, inputs: torch.Tensor, width: int) -> torch.Tensor:
-        """The step itself, on static shapes: inputs [rows, W + 2] → logits [rows, vocab]."""
+    def forward(self, inputs: torch.Tensor, width: int, cache: PagedCache | None = None) -> torch.Tensor:
+        """The step itself, on static shapes: inputs [rows, W + 2] → logits [rows, vocab]. `cache`: the
+        engine's, or a shallow copy of it (compiled_decode.py's first run)."""
+        cache = self.cache if cache is None else cache
         table, position, ids = inputs[:, :width], inputs[:, width : width + 1], inputs[:, width + 1 :]
-        positions = self.cache.set_step(table, position, position + 1, 1, width * self.cache.page_size,
-                                        own_aranges=self.capture)
-        hidden = self.model.model(ids, positions, self.cache)
+        positions = cache.set_step(table, position, position + 1, 1, width * cache.page_size,
+                                   own_aranges=self.capture or torch.compiler.is_compiling())
+        hidden = self.model.model(ids, positions, cache)
         return self.model.logits(hidden[:, 0])
 
     def _weights_key(self) -> tuple:

@@ -187,7 +187,8 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  page_size: int = 16, speculative: str = "auto", device=None, max_prefill_tokens: int = 2048,
-                 cuda_graphs: str = "auto", num_speculative_tokens: int | str | None = None):
+                 cuda_graphs: str = "auto", num_speculative_tokens: int | str | None = None,
+                 compile_decode: bool = False):
         if device is not None:
             model.to(device)
         model = prepare_for_inference(model)  # the inference forms; `model` itself stays as it was
@@ -219,11 +220,13 @@ class Engine:
         self.drafter = MTPDrafter(model, self.cache, num_speculative_tokens) if self.spec_depth else None
         self.spec_tokens = self.drafter.max_tokens if self.drafter is not None else 0  # cache room past the end
         # plain decode rounds at static shapes: recorded as CUDA graphs ("auto" on CUDA, "on"), or run
-        # eagerly ("eager", for tests); MTP draft-and-verify rounds stay eager
+        # eagerly ("eager", for tests); on CPU with compile_decode, compiled per bucket by torch.compile in the
+        # background (compiled_decode.py); MTP draft-and-verify rounds stay eager
         capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
-        self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture)
-                              if (capture or cuda_graphs == "eager") and not self.spec_depth and self.adapters is None
-                              else None)
+        compile_decode = compile_decode and not capture
+        self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture, compile_decode)
+                              if (capture or compile_decode or cuda_graphs == "eager") and not self.spec_depth
+                              and self.adapters is None else None)
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else self.config.eos_token_ids
         self._grammars: Grammars | None = None
         self.waiting: deque[Request] = deque()
@@ -698,6 +701,8 @@ class Engine:
                    speculative_depth=self.spec_depth, speculative_tokens=self.spec_tokens,
                    weight_format=self.model.weight_format, weight_bytes=self.model.weight_bytes,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
+        if self.static_decode is not None and self.static_decode.compiled is not None:
+            out.update(self.static_decode.compiled.stats())
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
             out.update(spec_rounds=self.drafter.rounds, spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,

@@ -167,13 +167,19 @@ class FusedMLP(nn.Module):
 
 class InferenceExperts(nn.Module):
     """The routed experts as one FusedMLP each, run over the tokens routed to them (RoutedExperts'
-    interface: x [N, H], routing weights and ids [N, k] → [N, H])."""
+    interface: x [N, H], routing weights and ids [N, k] → [N, H]). In the fp layout the experts' weights
+    are views of two stacked tensors, through which a compiled forward runs on static shapes."""
 
-    def __init__(self, experts: list[FusedMLP]):
+    def __init__(self, experts: list[FusedMLP], stacked: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.experts = nn.ModuleList(experts)
+        gate_up, down = stacked if stacked is not None else (None, None)  # [E, H, 2I], [E, I, H] or None (packed)
+        self.register_buffer("gate_up_stacked", gate_up, persistent=False)
+        self.register_buffer("down_stacked", down, persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts=None) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.gate_up_stacked is not None:
+            return self.gathered(x, weights, ids)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // ids.shape[1]
@@ -186,6 +192,16 @@ class InferenceExperts(nn.Module):
                 start += n
         out *= weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, chosen expert) pair through that expert's gathered weights: shapes that do not
+        depend on the routing (the loop's row counts do), for torch.compile."""
+        gate_up, down = self.gate_up_stacked, self.down_stacked
+        k, flat = ids.shape[1], ids.flatten()
+        rows = x.repeat_interleave(k, dim=0)[:, None]  # [N k, 1, H]
+        gate, up = torch.bmm(rows, gate_up[flat]).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down[flat])[:, 0] * weights.flatten()[:, None].to(x.dtype)
+        return out.view(-1, k, x.shape[-1]).sum(dim=1)
 
 
 class FoldedMLA(nn.Module):
@@ -243,6 +259,19 @@ class FoldedMLA(nn.Module):
         b, t = out.shape[:2]
         out = torch.bmm(out.reshape(b * t, self.n_heads, -1).transpose(0, 1), self.w_uv.transpose(1, 2))
         return out.transpose(0, 1).reshape(b, t, self.n_heads, -1)
+
+
+def stack_dense(experts: list[FusedMLP]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' DenseLinear weights moved into two stacked tensors [E, in, out], which each expert's
+    weight_t then views (one copy of the weights, two ways to read them)."""
+    stacked = []
+    for attr in ("gate_up", "down"):
+        linears = [getattr(e, attr) for e in experts]
+        whole = torch.stack([lin.weight_t for lin in linears])
+        for e, lin in enumerate(linears):
+            lin.weight_t = whole[e]
+        stacked.append(whole)
+    return tuple(stacked)
 
 
 # ---- the swap ------------------------------------------------------------------------------------------
@@ -313,9 +342,9 @@ class _Builder:
                 (module.gate_up_proj, module.down_proj)
             if not self.fits(gate_ups, downs):
                 return module
-            return InferenceExperts([
-                FusedMLP(self.linear(f"{name}.{e}.gate_up_proj", gate_up), self.linear(f"{name}.{e}.down_proj", down))
-                for e, (gate_up, down) in enumerate(zip(gate_ups.detach(), downs.detach()))])
+            experts = [FusedMLP(self.linear(f"{name}.{e}.gate_up_proj", gate_up), self.linear(f"{name}.{e}.down_proj", down))
+                       for e, (gate_up, down) in enumerate(zip(gate_ups.detach(), downs.detach()))]
+            return InferenceExperts(experts, stack_dense(experts) if self.weights is None else None)
         if isinstance(module, MLAttention):
             return self.mla(name, module) if self.fits(*module.parameters()) else module
         if isinstance(module, (nn.Linear, LoraLinear)):  # FP8Linear too (in eval an ordinary linear); LoRA folded

@@ -116,6 +116,8 @@ def _joined(latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
     one buffer (the paged cache stores them side by side) and no gradient is wanted, else a copy."""
     b, s, r = latent.shape
     width = r + k_pe.shape[-1]
+    if torch.compiler.is_compiling():  # no data pointers in a compiled graph; the compiler fuses the copy away
+        return torch.cat((latent, k_pe), dim=-1)
     if (not torch.is_grad_enabled() and latent.stride() == k_pe.stride() == (s * width, width, 1)
             and k_pe.data_ptr() == latent.data_ptr() + r * latent.element_size() and latent.dtype == k_pe.dtype):
         return latent.as_strided((b, s, width), latent.stride())

@@ -531,6 +531,9 @@ def add_command(subparsers) -> set[str]:
     p.add_argument("--draft-tokens", type=draft_tokens_arg, default=None,
                    help="MTP draft tokens per round, chained past the MTP depth (default: the depth), or auto: "
                    "per sequence from its running acceptance")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CPU: compile the plain decode step with torch.compile, per batch/length bucket on a "
+                   "background thread (requests decode eagerly until their bucket is ready; needs a C++ compiler)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running streams may take to finish after SIGTERM (default 30)")
     p.set_defaults(func=serve_command)
@@ -596,7 +599,7 @@ def serve_command(args: argparse.Namespace) -> int:
         model = prepare_loaded(model, args.quantize, args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative,
-                    num_speculative_tokens=args.draft_tokens)
+                    num_speculative_tokens=args.draft_tokens, compile_decode=args.compile_decode)
     app = create_app(engine, tokenizer, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)

@@ -1,0 +1,51 @@
+"""The CPU decode step compiled by torch.compile (compiled_decode.py): the same greedy tokens as the
+eager engine, compile time kept off the requests, and a clean fall back to eager where compiling fails."""
+
+from __future__ import annotations
+
+import torch
+
+from hemat.infer.engine import Engine
+from hemat.infer.quantize import prepare_for_inference
+from hemat.infer.sampling import SamplingParams
+from hemat.model.transformer import CausalLM
+from tests.test_engine import GREEDY, prompt, tiny_model
+from tests.test_quantize import mla_config
+
+
+def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    # different lengths, so that the batch shrinks from 2 rows to 1 while decoding
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (24, 9, 16)]
+    return [out.outputs[0].token_ids for out in engine.generate(prompts, params)]
+
+
+def test_compiled_decode_gives_the_eager_greedy_tokens():
+    model = tiny_model("deepseek_v3")  # MLA and routed experts: the paths with compile-only forms
+    prompts = [prompt(n, seed=n) for n in (5, 19, 11)]
+    expected = greedy_tokens(Engine(model, max_batch_size=2, page_size=4, speculative="off"), prompts)
+    engine = Engine(model, max_batch_size=2, page_size=4, speculative="off", compile_decode=True)
+    compiled = engine.static_decode.compiled
+    assert greedy_tokens(engine, prompts) == expected  # while the buckets compile in the background
+    compiled.wait()  # the batch-1 bucket (queued at start-up) and the batch-2 one (queued after two uses)
+    stats = engine.stats()
+    assert stats["decode_compiled_buckets"] == 2 and not stats["decode_compile_failed"]
+    assert stats["decode_compile_s"] > 0
+    steps = stats["decode_compiled_steps"]
+    assert greedy_tokens(engine, prompts) == expected
+    assert engine.stats()["decode_compiled_steps"] - steps == 23  # every decode step of the second run
+
+
+def test_a_failed_compile_prints_one_line_and_decodes_eagerly(capsys):
+    # int8 experts have no static-shape form: the routing decides their row counts, which a whole-step
+    # graph cannot take
+    torch.manual_seed(0)
+    model = prepare_for_inference(CausalLM(mla_config()).eval(), "int8")
+    prompts = [prompt(n, seed=n) for n in (5, 19, 11)]
+    expected = greedy_tokens(Engine(model, max_batch_size=2, page_size=4, speculative="off"), prompts)
+    engine = Engine(model, max_batch_size=2, page_size=4, speculative="off", compile_decode=True)
+    engine.static_decode.compiled.wait()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "torch.compile" in line]
+    assert len(lines) == 1 and lines[0].endswith("decoding eagerly")
+    assert greedy_tokens(engine, prompts) == expected
+    stats = engine.stats()
+    assert stats["decode_compile_failed"] and stats["decode_compiled_steps"] == 0
