@@ -196,6 +196,7 @@ class Engine:
         self.config = model.config
         self.device = model.device
         self.max_context = self.config.max_position_embeddings
+        self.adapters = getattr(model, "adapters", None)  # per-request LoRA adapters (adapters.py)
         if speculative not in ("auto", "mtp", "off"):
             raise HematError(f"speculative must be 'auto', 'mtp' or 'off', got {speculative!r}")
         if speculative == "mtp" and not model.mtp_layers:
@@ -208,7 +209,6 @@ class Engine:
             raise HematError(f"cuda_graphs='on' needs a CUDA device and no per-request adapters; the model is on "
                              f"{self.device.type} ('eager' runs the same bucketed decode step without graphs)")
         self.spec_depth = len(model.mtp_layers) if speculative != "off" else 0
-        self.adapters = getattr(model, "adapters", None)  # per-request LoRA adapters (adapters.py)
         self.max_batch_size, self.page_size, self.max_prefill_tokens = max_batch_size, page_size, max_prefill_tokens
         num_layers = self.config.num_hidden_layers + self.spec_depth
         if cache_tokens is None:
