@@ -205,3 +205,14 @@ def test_engine_stats_and_metrics_report_the_weight_format():
     families = {f.name: f for f in _EngineCollector(lambda: stats).collect()}
     assert families["hemat_engine_weight_bytes"].samples[0].value == model.weight_bytes
     assert families["hemat_engine_weight_format"].samples[0].labels == {"format": "int8"}
+
+
+def test_int8_rows_whose_length_is_not_a_multiple_of_16():
+    """torch's int8 kernel crashed on several rows of 24 inputs (the tiny MLA configs' q_b_proj): padded."""
+    torch.manual_seed(0)
+    weight = torch.randn(72, 24)
+    layer = Int8Linear(weight, None)
+    x = torch.randn(5, 24)
+    expected = x.to(torch.bfloat16).float() @ layer.dequantized().t()
+    assert torch.allclose(layer(x), expected, rtol=0.02, atol=0.05)
+    assert layer.dequantized().shape == (72, 24)

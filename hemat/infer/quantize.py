@@ -35,6 +35,7 @@ from hemat.model.rope import apply_rope
 
 FORMATS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel takes
+INT8_ALIGN = 16  # the int8 kernel's row length must be a multiple of this (see Int8Linear)
 KERNEL_ROWS = 16  # the packed kernels are fast for a few rows and slow for many: longer inputs run in chunks
 COPY_BUDGET_BYTES = 1 << 30  # transposed fp copies of one model, at most
 COMPUTE_DTYPE = torch.bfloat16  # the packed kernels' activation dtype (their fp32 paths are ~10x slower)
@@ -104,14 +105,19 @@ class Int8Linear(PackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias)
         q, scale = quantize_int8(weight)
-        self.register_buffer("weight", q)
+        # `_weight_int8pack_mm` reads past the end of rows whose length is not a multiple of 16 when it is
+        # given several rows (a segfault in torch 2.13 on CPU): zero columns pad the inputs to the next multiple
+        self.pad = -self.in_features % INT8_ALIGN
+        self.register_buffer("weight", F.pad(q, (0, self.pad)))
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            rows = F.pad(rows, (0, self.pad))
         return torch._weight_int8pack_mm(rows, self.weight, self.scale)
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.float()[:, None]
+        return self.weight[:, :self.in_features].float() * self.scale.float()[:, None]
 
 
 class Int4Linear(PackedLinear):
