@@ -3,6 +3,8 @@ the quantizers' own output (forward and input gradient, no weight gradient, noth
 quantize_base on dense and MLA models and its refusals; `hemat sft --set lora.quantize=int4` killed with SIGKILL
 and resumed reproduces an uninterrupted run's losses exactly, and its PEFT-format adapter loads back."""
 
+import json
+import math
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from hemat.model.hf import from_pretrained
 from hemat.model.lora import LoraConfig, add_adapters, merge_adapters
 from hemat.model.qlora import FrozenQuantizedLinear, quantize_base
 from hemat.model.transformer import CausalLM
+from hemat.train.grpo import load_grpo_config, run_grpo
 from hemat.train.sft import load_sft_config
 from test_lora_train import SFT, losses
 from test_resume import start, wait_for_step
@@ -157,3 +160,25 @@ def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(dense_checkpo
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
     assert (adapted.float() - base_logits.float()).abs().max() > 1e-3
+
+
+def test_qlora_grpo_runs_over_the_quantized_base(dense_checkpoint, tmp_path):
+    """GRPO's rollouts (the inference engine over the adapted quantized base) and its reference (the base with
+    the adapters off) work over an int8 base."""
+    overrides = FAST + [f"grpo.model={dense_checkpoint}", "grpo.problems=20", "grpo.prompts_per_step=2",
+                        "grpo.group_size=4", "grpo.max_new_tokens=8", "grpo.micro_batch_size=4", "grpo.lr=1e-2",
+                        "grpo.warmup_steps=0", "grpo.temperature=1.0", "grpo.eval_problems=0", "grpo.steps=2",
+                        "grpo.minibatches=1", "lora.rank=4", "lora.quantize=int8"]
+
+    def score(problem, completion_ids, text):  # parity of the first token: groups with mixed rewards
+        from hemat.train.rewards import verify
+
+        return verify(problem, text), float(completion_ids[0] % 2)
+
+    run = tmp_path / "run"
+    run_grpo(load_grpo_config("cpu-tiny", overrides), run, score_fn=score)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # a fresh adapter is the base (up to bf16 rounding between the policy's and the reference's passes); after
+    # step 1 moved the adapters, the reference (adapters off) differs from the policy
+    assert abs(records[0]["kl"]) < 1e-6 and math.isfinite(records[1]["kl"]) and records[1]["kl"] > 1e-5
+    assert (run / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
