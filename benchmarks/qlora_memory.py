@@ -9,7 +9,8 @@ building the model in bf16 and quantizing it layer by layer, then the training s
 base can multiply: the packed inference kernels (hemat.infer.quantize) and dequantizing per call + one matmul
 (hemat.model.qlora, what training uses).
 
-    PYTHONPATH=. python benchmarks/qlora_memory.py [--shape qwen2-1.5b|qwen2-small|DIR] [--bases int4 bf16] [--steps 1] [--kernels]"""
+    PYTHONPATH=. python benchmarks/qlora_memory.py [--shape qwen2-1.5b|qwen2-small|DIR] [--bases int4 bf16]
+        [--steps 1] [--kernels]"""
 
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ def main() -> None:
         return
     print(f"{args.shape}, seq {SEQ}, batch {BATCH}, LoRA rank {RANK} on every projection, AdamW, gradient "
           f"checkpointing, loss chunk {args.loss_chunk}; {os.environ.get('THREADS', '2')} threads; one process per row")
-    print("| base | peak RSS, build + quantize | peak RSS, training | s/step | first loss |\n| --- | --- | --- | --- | --- |",
-          flush=True)
+    print("| base | peak RSS, build + quantize | peak RSS, training | s/step | first loss |\n"
+          "| --- | --- | --- | --- | --- |", flush=True)
     for base in args.bases:
         done = subprocess.run([sys.executable, __file__, "--measure", args.shape, base, str(args.steps),
                                str(args.loss_chunk)], capture_output=True, text=True)

@@ -37,7 +37,7 @@ STEPS = 8
 
 
 def reference_weight(weight: torch.Tensor, fmt: str, group_size: int) -> torch.Tensor:
-    """The weight the format stores, from the quantizers' outputs: q · scale, or (q - zero point) · scale per group."""
+    """The weight the format stores, from the quantizers' outputs: q · scale, or (q - zero point) · scale by group."""
     if fmt == "int8":
         q, scale = quantize_int8(weight)
         return q.float() * scale[:, None]

@@ -102,17 +102,20 @@ def quantize_base(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_SI
         if isinstance(module, RoutedExperts):
             raise QuantizationError(f"lora.quantize cannot quantize {name} ({type(module).__name__}): routed "
                                     "experts have no quantized training form; use LoRA on a bf16 base for MoE models")
-    targets = [(name, m) for name, m in layers.named_modules(prefix="model.layers") if type(m) is nn.Linear]
-    for name, module in targets:
+    names = []
+    for name, module in layers.named_modules(prefix="model.layers"):
+        if type(module) is not nn.Linear:
+            continue
         if fmt == "int4" and module.in_features % group_size:
             raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension "
                                     f"{module.in_features} of {name} (choose one of {GROUP_SIZES} that does)")
+        names.append(name)
     with torch.no_grad():
-        for name, module in targets:
+        for name in names:  # by name: no reference to a replaced layer outlives its swap, so its weight is freed
             parent, _, child = name.rpartition(".")
-            frozen = FrozenQuantizedLinear(module.weight, module.bias, fmt, group_size).train(module.training)
-            setattr(model.get_submodule(parent), child, frozen)  # the full-precision weight is freed here
+            linear = model.get_submodule(name)
+            frozen = FrozenQuantizedLinear(linear.weight, linear.bias, fmt, group_size).train(linear.training)
+            setattr(model.get_submodule(parent), child, frozen)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.base_quantization = {"format": fmt, "group_size": group_size if fmt == "int4" else None}
-    return [name for name, _ in targets]
+    return names
