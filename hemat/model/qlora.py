@@ -20,9 +20,6 @@ from torch import nn
 from hemat.infer.quantize import FORMATS, GROUP_SIZES, QuantizationError, quantize_int4, quantize_int8
 from hemat.model.moe import RoutedExperts
 
-DEFAULT_GROUP_SIZE = 64  # QLoRA's block size
-
-
 class _DequantizedMatmul(torch.autograd.Function):
     """y = x · Wᵀ with W = layer.dequantize(x.dtype) made in the forward and again in the backward."""
 
@@ -91,7 +88,7 @@ def check_quantize_settings(fmt: str, group_size: int, where: str = "lora") -> N
         raise QuantizationError(f"{where}.group_size must be one of {GROUP_SIZES}, got {group_size}")
 
 
-def quantize_base(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[str]:
+def quantize_base(model: nn.Module, fmt: str, group_size: int) -> list[str]:
     """Replace every nn.Linear of the decoder layers (attention, MLA's projections, dense MLPs, shared
     experts) with a FrozenQuantizedLinear, in place, before adapters are added; embeddings, norms, routers
     and the output head stay. Routed experts are refused: their stacked weights have no quantized training

@@ -128,7 +128,7 @@ class LoraSection:
     rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
     targets: list[str] = field(default_factory=list)  # module-name patterns; empty: the architecture's defaults
     quantize: str = ""  # QLoRA: int8 | int4 base projections (hemat.model.qlora); empty: a full-precision base
-    group_size: int = 64  # int4 only: inputs per scale and zero point
+    group_size: int = 64  # int4 only: inputs per scale and zero point (64: QLoRA's block size)
 
     def validate(self) -> None:
         if self.rank < 0:
