@@ -54,11 +54,15 @@ def build_hemat(kind: str, shape: dict, lora: bool):
     from hemat.train.loop import lm_loss
 
     extra = {"num_nextn_predict_layers": 0} if kind == "deepseek_v3" else {}
-    model = CausalLM(ModelConfig(model_type=kind, **shape, **extra))
+    with torch.device("meta"):  # built in its final dtype, as from_pretrained builds it: a bf16 base never
+        model = CausalLM(ModelConfig(model_type=kind, **shape, **extra))  # exists in fp32
+        if lora:
+            model.to(torch.bfloat16)
+            for moe in model.moe_layers():  # the router stays fp32, as from_pretrained keeps it
+                moe.gate.float()
+    model.to_empty(device="cpu")
+    model.init_weights()
     if lora:
-        model.to(torch.bfloat16)
-        for moe in model.moe_layers():  # the router stays fp32, as from_pretrained keeps it
-            moe.gate.float()
         targets = MLA_TARGETS + ["experts"] if kind == "deepseek_v3" else DENSE_TARGETS
         add_adapters(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(targets)))
     model.train()
@@ -74,9 +78,8 @@ def build_peft(kind: str, shape: dict, lora: bool):
     model_class = {"deepseek_v3": transformers.DeepseekV3ForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[kind]
     config = config_class(**shape)
     config._attn_implementation = "sdpa"
-    model = model_class(config)
+    model = model_class._from_config(config, dtype=torch.bfloat16 if lora else torch.float32)
     if lora:
-        model.to(torch.bfloat16)
         extra = ({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
                  if kind == "deepseek_v3" else {})
         targets = MLA_TARGETS if kind == "deepseek_v3" else DENSE_TARGETS

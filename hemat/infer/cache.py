@@ -49,9 +49,10 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self.free) + len(self.evictable)
 
-    def page_keys(self, token_ids: Sequence[int], num_pages: int) -> list[bytes]:
-        """Chained hashes of the first num_pages full pages: key i covers tokens[: (i + 1) * page_size]."""
-        keys, key, ps = [], b"", self.page_size
+    def page_keys(self, token_ids: Sequence[int], num_pages: int, salt: str = "") -> list[bytes]:
+        """Chained hashes of the first num_pages full pages: key i covers tokens[: (i + 1) * page_size].
+        A salt keeps apart caches the same tokens have under different weights (a LoRA adapter's index)."""
+        keys, key, ps = [], salt.encode(), self.page_size
         for i in range(num_pages):
             chunk = ",".join(map(str, token_ids[i * ps : (i + 1) * ps])).encode()
             key = hashlib.blake2b(key + chunk, digest_size=16).digest()

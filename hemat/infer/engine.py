@@ -11,7 +11,9 @@ the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
 accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
-(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt.
+(outputs.py: RequestOutput.prompt_logprobs); max_tokens=0 then stops after the prompt. A request may name
+one of the LoRA adapters of a model from adapters.py: each forward tells the model each row's adapter (MTP
+drafts come from the base's MTP layers; their verification runs the row's adapter).
 
 Every request sample has its own torch.Generator and every sampling op is row-wise, so a seeded request
 gives the same tokens alone or in any batch. `step()` runs either on a background thread (`start()`)
@@ -123,8 +125,10 @@ class Request:
     """A submitted request: iterate it for StreamEvents, `result()` for the RequestOutput, `cancel()`."""
 
     def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 max_new: int, on_event, split_reasoning: bool, starts_in_reasoning: bool, grammar=None):
+                 max_new: int, on_event, split_reasoning: bool, starts_in_reasoning: bool, grammar=None,
+                 adapter: int = 0):
         self.engine, self.request_id, self.params, self.grammar = engine, request_id, params, grammar
+        self.adapter = adapter  # the index of its LoRA adapter (adapters.py); 0: the base model
         self.prompt_token_ids, self.max_new, self.on_event = prompt_ids, max_new, on_event
         self.cached_tokens = 0
         self.page_keys: list[bytes] = []
@@ -199,10 +203,11 @@ class Engine:
             raise HematError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if cuda_graphs not in ("auto", "on", "eager", "off"):
             raise HematError(f"cuda_graphs must be 'auto', 'on', 'eager' or 'off', got {cuda_graphs!r}")
-        if cuda_graphs == "on" and self.device.type != "cuda":
-            raise HematError(f"cuda_graphs='on' needs a CUDA device, the model is on {self.device.type} "
-                             "('eager' runs the same bucketed decode step without graphs)")
+        if cuda_graphs == "on" and (self.device.type != "cuda" or self.adapters is not None):
+            raise HematError(f"cuda_graphs='on' needs a CUDA device and no per-request adapters; the model is on "
+                             f"{self.device.type} ('eager' runs the same bucketed decode step without graphs)")
         self.spec_depth = len(model.mtp_layers) if speculative != "off" else 0
+        self.adapters = getattr(model, "adapters", None)  # per-request LoRA adapters (adapters.py)
         self.max_batch_size, self.page_size, self.max_prefill_tokens = max_batch_size, page_size, max_prefill_tokens
         num_layers = self.config.num_hidden_layers + self.spec_depth
         if cache_tokens is None:
@@ -217,7 +222,8 @@ class Engine:
         # eagerly ("eager", for tests); MTP draft-and-verify rounds stay eager
         capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
         self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture)
-                              if (capture or cuda_graphs == "eager") and not self.spec_depth else None)
+                              if (capture or cuda_graphs == "eager") and not self.spec_depth and self.adapters is None
+                              else None)
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else self.config.eos_token_ids
         self._grammars: Grammars | None = None
         self.waiting: deque[Request] = deque()
@@ -254,15 +260,17 @@ class Engine:
     def submit(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                messages: list[dict] | None = None, params: SamplingParams | None = None, on_event=None,
                split_reasoning: bool | None = None, request_id: str | None = None,
-               tools: list[dict] | None = None) -> Request:
+               tools: list[dict] | None = None, adapter: str | None = None) -> Request:
         """Queue one request (thread-safe). split_reasoning None: split `<think>…</think>` for chat
-        messages whose template uses it. tools: function definitions for the chat template."""
+        messages whose template uses it. tools: function definitions for the chat template. adapter: the
+        name of one of the model's LoRA adapters (None: the base)."""
         if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
             raise EngineRequestError("give exactly one of prompt, prompt_ids or messages")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise EngineRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        adapter_index = self._adapter_index(adapter)
         if self.tokenizer is None and (prompt is not None or messages is not None or params.stop):
             raise EngineRequestError("this engine has no tokenizer: give prompt_ids and no stop strings")
         starts_in_reasoning = False
@@ -282,11 +290,25 @@ class Engine:
             raise EngineRequestError(f"n={params.n} is more than max_batch_size={self.max_batch_size}")
         grammar = None if params.guide is None else self.grammars.compile(params.guide)
         request = Request(self, request_id or f"req-{next(self._ids)}", prompt_ids, params, max_new, on_event,
-                          bool(split_reasoning), starts_in_reasoning, grammar)
+                          bool(split_reasoning), starts_in_reasoning, grammar, adapter_index)
         with self._lock:
             self.waiting.append(request)
             self._wakeup.notify()
         return request
+
+    def _adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return 0
+        names = list(self.adapters.index) if self.adapters is not None else []
+        if adapter not in names:
+            raise EngineRequestError(f"unknown adapter {adapter!r}; this engine has "
+                                     f"{', '.join(map(repr, names)) if names else 'none'}")
+        return self.adapters.index[adapter]
+
+    def _select_adapters(self, seqs: list[_Sequence]) -> None:
+        """Tell the adapted projections each row's adapter before a forward over these sequences."""
+        if self.adapters is not None:
+            self.adapters.select([s.request.adapter for s in seqs], self.device)
 
     def _check_ids(self, ids) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -414,7 +436,7 @@ class Engine:
                 p, n = len(req.prompt_token_ids), req.params.n
                 if busy + n > self.max_batch_size:
                     break
-                keys = alloc.page_keys(req.prompt_token_ids, self._shareable_pages(p))
+                keys = alloc.page_keys(req.prompt_token_ids, self._shareable_pages(p), salt=str(req.adapter))
                 hits = alloc.lookup(keys) if req.prompt_logprobs is None else []  # scoring needs every position
                 need = self._pages_needed(p, req.max_new, n, len(hits))
                 if need + sum(page in alloc.evictable for page in hits) > alloc.available:
@@ -459,6 +481,7 @@ class Engine:
         ids = torch.tensor([s.prompt[start : start + n] + [0] * (width - n)
                             for s, start, n in zip(parents, starts, lengths)], device=self.device)
         positions = self.cache.begin_step([s.pages for s in parents], starts, lengths)
+        self._select_adapters(parents)
         hidden = self.model.model(ids, positions, self.cache)
         for row, (seq, start, n) in enumerate(zip(parents, starts, lengths)):
             seq.num_cached += n
@@ -509,6 +532,7 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = list(self.running)
+        self._select_adapters(seqs)
         if self.drafter is not None:
             grammars = self.grammars if any(s.grammar is not None for s in seqs) else None
             for seq, (tokens, logprobs) in zip(seqs, self.drafter.step(seqs, self._grow, grammars)):

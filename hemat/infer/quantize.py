@@ -221,8 +221,7 @@ class FoldedMLA(nn.Module):
             q_latent, q_pe = q.split([self.kv_rank, self.rope_dim], dim=-1)
         else:
             q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-            q_latent = torch.bmm(q_nope.reshape(b * t, self.n_heads, -1).transpose(0, 1), self.w_uk)
-            q_latent = q_latent.transpose(0, 1).reshape(b, t, self.n_heads, -1)
+            q_latent = self.absorb_keys(q_nope)
         q = torch.cat((q_latent, apply_rope(q_pe, *rope, interleaved=self.interleaved)), dim=-1)
         if cache is None:
             mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
@@ -230,17 +229,28 @@ class FoldedMLA(nn.Module):
             latent, k_pe, mask = cache.update(self.layer_idx, latent, k_pe)
         out = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T*H, r]
         if self.w_uv is not None:
-            out = torch.bmm(out.view(b * t, self.n_heads, -1).transpose(0, 1), self.w_uv.transpose(1, 2))
-            out = out.transpose(0, 1)
+            out = self.expand_values(out.view(b, t, self.n_heads, -1))
         return self.o_proj(out.reshape(b, t, -1))
+
+    def absorb_keys(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, H, nope] → its latent query [B, T, H, r] (through W_UK, per head)."""
+        b, t = q_nope.shape[:2]
+        q_latent = torch.bmm(q_nope.reshape(b * t, self.n_heads, -1).transpose(0, 1), self.w_uk)
+        return q_latent.transpose(0, 1).reshape(b, t, self.n_heads, -1)
+
+    def expand_values(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention output in the latent space [B, T, H, r] → values [B, T, H, v] (through W_UV)."""
+        b, t = out.shape[:2]
+        out = torch.bmm(out.reshape(b * t, self.n_heads, -1).transpose(0, 1), self.w_uv.transpose(1, 2))
+        return out.transpose(0, 1).reshape(b, t, self.n_heads, -1)
 
 
 # ---- the swap ------------------------------------------------------------------------------------------
 class _Builder:
     """Makes the linear forms of one prepare_for_inference call; keeps the fp copies within the budget."""
 
-    def __init__(self, weights: str | None, group_size: int):
-        self.weights, self.group_size = weights, group_size
+    def __init__(self, weights: str | None, group_size: int, fold_mla: bool = True):
+        self.weights, self.group_size, self.fold_mla = weights, group_size, fold_mla
         self.copied = 0
         self.fallbacks: list[str] = []
 
@@ -281,7 +291,7 @@ class _Builder:
             (attn.kv_a_proj_with_mqa.weight,)
         down = self.linear(f"{name}.q_a_kv_a_proj", torch.cat(down_weights).detach())
         # fold W_UK into the query projection and W_UV into o_proj while that at most doubles them
-        if not (r + rope <= 2 * (nope + rope) and r <= 2 * v):
+        if not (self.fold_mla and r + rope <= 2 * (nope + rope) and r <= 2 * v):
             return FoldedMLA(attn, down, self.linear(f"{name}.q_proj", q_proj.weight),
                              self.linear(f"{name}.o_proj", attn.o_proj.weight),
                              w_uk.contiguous().clone(), w_uv.contiguous().clone())
@@ -313,11 +323,12 @@ class _Builder:
         return None
 
 
-def prepare_for_inference(model, weights: str | None = None, group_size: int = 128):
+def prepare_for_inference(model, weights: str | None = None, group_size: int = 128, fold_mla: bool = True):
     """A copy of `model` (a CausalLM) with its projections in their inference forms (see the module
     docstring); the modules no form replaces are shared with `model`, which is left as it was. A model
-    that is already prepared comes back as it is when `weights` agrees. → the prepared model, with
-    `weight_format` ("int8", "int4" or its dtype's name) and `weight_bytes`."""
+    that is already prepared comes back as it is when `weights` agrees. fold_mla=False keeps W_UK and
+    W_UV apart from the query and output projections (adapters.py adds per-row updates to each).
+    → the prepared model, with `weight_format` ("int8", "int4" or its dtype's name) and `weight_bytes`."""
     if weights is not None and weights not in FORMATS:
         raise QuantizationError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
     if weights == "int4" and group_size not in GROUP_SIZES:
@@ -331,7 +342,7 @@ def prepare_for_inference(model, weights: str | None = None, group_size: int = 1
     if weights is not None and model.device.type != "cpu":
         raise QuantizationError(f"int8/int4 weights have packed kernels on CPU only in hemat for now; "
                                 f"the model is on {model.device} (load it with --device cpu)")
-    builder = _Builder(weights, group_size)
+    builder = _Builder(weights, group_size, fold_mla)
     out = _shell_copy(model)
     with torch.no_grad():
         _swap(out, "", builder)
@@ -385,10 +396,10 @@ def add_quantize_arguments(parser) -> None:
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
 
 
-def prepare_loaded(model, quantize: str | None, group_size: int = 128):
+def prepare_loaded(model, quantize: str | None, group_size: int = 128, fold_mla: bool = True):
     """A model from from_pretrained prepared for inference in `quantize`, or by default in the int8/int4
     format its checkpoint was stored in (model.quantization), else in its dtype."""
     stored = getattr(model, "quantization", None)
     if quantize is None and stored is not None:
         quantize, group_size = stored["format"], stored["group_size"] or group_size
-    return prepare_for_inference(model, quantize, group_size)
+    return prepare_for_inference(model, quantize, group_size, fold_mla)

@@ -135,7 +135,7 @@ def load_adapter(model, path: str | Path) -> LoraConfig:
         add_adapters(model, config, names, base_model=raw.get("base_model_name_or_path"))
         load_adapter_state(model, tensors, file)
     except LoraError:
-        _remove_adapters(model)
+        remove_adapters(model)
         raise
     return config
 
@@ -157,7 +157,7 @@ def load_adapter_state(model, tensors: dict[str, torch.Tensor], file: Path) -> N
             param.copy_(tensors[key])
 
 
-def _remove_adapters(model) -> None:
+def remove_adapters(model) -> None:
     """Put the base modules back (the model as it was before a failed load)."""
     for name, wrapper in adapter_modules(model).items():
         parent, _, child = name.rpartition(".")
@@ -183,8 +183,8 @@ def load_merged(path: str | Path, device=None, dtype=None):
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Load `base`, add and merge the adapter, write a full checkpoint (with the base's tokenizer) to `out`."""
-    from hemat.model.convert import TOKENIZER_FILES
-    from hemat.model.hf import from_pretrained, publish_dir, read_checkpoint_config
+    from hemat.model.convert import save_with_tokenizer
+    from hemat.model.hf import from_pretrained, read_checkpoint_config
     from hemat.model.hub import resolve_model_source
 
     src, out = resolve_model_source(base), Path(out)
@@ -195,18 +195,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     model = from_pretrained(src)
     load_adapter(model, adapter)
     merge_adapters(model)
-    tmp = out.with_name(f".{out.name}.merge-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return save_with_tokenizer(model, src, out)
 
 
 def add_command(subparsers) -> set[str]:

@@ -21,7 +21,7 @@ def convert(source: str | Path, out: str | Path, format: str, group_size: int = 
     → out. int8 and int4 refuse a source that is already int8/int4 (quantizing twice only loses)."""
     from hemat.errors import HematError
     from hemat.infer.quantize import GROUP_SIZES
-    from hemat.model.hf import from_pretrained, publish_dir
+    from hemat.model.hf import from_pretrained
     from hemat.model.hub import resolve_model_source
 
     if format == "int4" and group_size not in GROUP_SIZES:
@@ -32,10 +32,18 @@ def convert(source: str | Path, out: str | Path, format: str, group_size: int = 
     if format in QUANTIZED_FORMATS and stored is not None:
         raise HematError(f"{source} is already quantized ({stored['format']}); quantize the unquantized "
                          "checkpoint instead (or `hemat convert --format bf16` to dequantize it)")
-    tmp = out.with_name(f".{out.name}.convert-tmp")
+    return save_with_tokenizer(model, src, out, format=format, group_size=group_size)
+
+
+def save_with_tokenizer(model, src: Path, out: Path, **save_options) -> Path:
+    """model.save_pretrained plus the tokenizer files of `src`, published at `out` all at once (a temporary
+    directory renamed into place, so a failure leaves `out` as it was) → out."""
+    from hemat.model.hf import publish_dir
+
+    tmp = out.with_name(f".{out.name}.write-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, format=format, group_size=group_size)
+        model.save_pretrained(tmp, **save_options)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)

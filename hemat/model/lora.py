@@ -174,7 +174,7 @@ def _linear_types() -> tuple[type, ...]:
     return nn.Linear, FrozenQuantizedLinear
 
 
-def _decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Candidates for adapters: the modules inside the decoder layers (MTP layers excluded)."""
     n = model.config.num_hidden_layers
     layer = re.compile(r"^model\.layers\.(\d+)\.")
@@ -185,7 +185,7 @@ def _decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The names of the modules `config` adapts: errors name a pattern that matches nothing, a matched
     module that is neither a linear layer nor routed experts, and a rank larger than a layer."""
-    modules = _decoder_modules(model)
+    modules = decoder_modules(model)
     linear = _linear_types()
     adaptable = [(n, m) for n, m in modules if type(m) in linear or isinstance(m, RoutedExperts)]
     if config.targets is None:

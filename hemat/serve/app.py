@@ -81,6 +81,10 @@ def create_app(engine, tokenizer, settings: ServeSettings | None = None) -> Fast
     """The ASGI app. Its lifespan starts the engine's scheduler thread and stops it on shutdown."""
     settings = settings or ServeSettings()
     settings.validate()
+    adapters = list(engine.adapters.index) if engine.adapters is not None else []
+    if settings.served_model_name in adapters:
+        raise HematError(f"the LoRA adapter name {settings.served_model_name!r} is the base model's served name; "
+                         "give the adapter another name (or the base another --served-model-name)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,6 +99,7 @@ def create_app(engine, tokenizer, settings: ServeSettings | None = None) -> Fast
                   description="OpenAI-compatible API over hemat's inference engine.")
     state = app.state
     state.engine, state.tokenizer, state.settings = engine, tokenizer, settings
+    state.model_ids = [settings.served_model_name, *adapters]
     state.metrics = ServerMetrics(engine.stats)
     state.admission = Admission(settings.max_concurrent, settings.max_queue)
     state.draining = False
@@ -155,23 +160,26 @@ def _add_routes(app: FastAPI) -> None:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> dict:
-        return {"id": settings.served_model_name, "object": "model", "created": state.created,
+    def model_card(model_id: str) -> dict:
+        card = {"id": model_id, "object": "model", "created": state.created,
                 "owned_by": "hemat", "max_model_len": engine.max_context,
                 "weight_format": engine.model.weight_format, "weight_bytes": engine.model.weight_bytes}
+        if model_id != settings.served_model_name:  # a LoRA adapter over the base (vLLM's field)
+            card["parent"] = settings.served_model_name
+        return card
 
-    @app.get("/v1/models", summary="the served model")
+    @app.get("/v1/models", summary="the served model and its LoRA adapters")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in state.model_ids]}
 
     @app.get("/v1/models/{model_id:path}", summary="one model by id")
     async def get_model(model_id: str):
-        _check_model(settings, model_id)
-        return model_card()
+        _check_model(state, model_id)
+        return model_card(model_id)
 
     @app.post("/v1/chat/completions", summary="chat completion (OpenAI format, with reasoning_content)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _check_model(settings, body.model)
+        adapter = _check_model(state, body.model)
         tools = body.active_tools()
         syntax = syntax_for(state.tokenizer.chat_template) if tools else None
         guide = body.guide()
@@ -186,7 +194,7 @@ def _add_routes(app: FastAPI) -> None:
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.token_limit(), logprobs=body.logprobs,
                                   top_logprobs=body.top_logprobs or 0, guide=guide,
                                   skip_special_tokens=not tools)  # call markers may be special tokens
-        submission = {"messages": body.template_messages(), "params": params, "tools": tools}
+        submission = {"messages": body.template_messages(), "params": params, "tools": tools, "adapter": adapter}
         gen = await _start(state, [submission], body.n)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if settings.log_prompts:
@@ -198,14 +206,14 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions", summary="text completion (OpenAI's legacy format)")
     async def completions(body: CompletionRequest, request: Request):
-        _check_model(settings, body.model)
+        adapter = _check_model(state, body.model)
         top = body.logprobs or 0
         prompt_logprobs = top if body.echo and body.logprobs is not None else None
         params = _sampling_params(body.sampling_kwargs(), max_tokens=body.max_tokens,
                                   logprobs=body.logprobs is not None, top_logprobs=top,
                                   prompt_logprobs=prompt_logprobs, guide=body.guide())
         submissions = [
-            {"prompt": p, "params": params} if isinstance(p, str) else {"prompt_ids": p, "params": params}
+            {"prompt" if isinstance(p, str) else "prompt_ids": p, "params": params, "adapter": adapter}
             for p in body.prompts()
         ]
         gen = await _start(state, submissions, body.n)
@@ -223,10 +231,14 @@ def _add_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _check_model(settings: ServeSettings, model: str) -> None:
-    if model != settings.served_model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.served_model_name}`",
+def _check_model(state, model: str) -> str | None:
+    """404 for a model id the server does not serve (as OpenAI answers); → the LoRA adapter's name, or
+    None for the base model."""
+    if model not in state.model_ids:
+        served = ", ".join(f"`{m}`" for m in state.model_ids)
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {served}",
                        param="model", code="model_not_found")
+    return None if model == state.settings.served_model_name else model
 
 
 def _sampling_params(common: dict, **specific) -> SamplingParams:
@@ -499,6 +511,9 @@ def add_command(subparsers) -> set[str]:
     p.add_argument("--api-key", default=os.environ.get("HEMAT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $HEMAT_API_KEY; none: open)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter (hemat's or PEFT's format) served as model id NAME beside the base "
+                   "(repeatable); requests for every adapter and the base share one batch")
     p.add_argument("--max-concurrent", type=int, default=32, help="requests generating at once (default 32)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting beyond those; more get 429 (default 128)")
@@ -553,6 +568,7 @@ class _Server(uvicorn.Server):
 
 def serve_command(args: argparse.Namespace) -> int:
     import hemat
+    from hemat.infer.adapters import adapter_flags, prepare_with_adapters
     from hemat.infer.engine import Engine
 
     if not 0 <= args.port <= 65535:
@@ -572,8 +588,12 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"hemat serve: warning: binding {args.host} without an API key: anyone who can reach this "
               "port can use the model (set --api-key or HEMAT_API_KEY)", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = prepare_loaded(hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype), args.quantize,
-                           args.group_size)
+    adapters = adapter_flags(args.lora, settings.served_model_name)
+    model = hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+    if adapters:
+        model = prepare_with_adapters(model, adapters, args.quantize, args.group_size)
+    else:
+        model = prepare_loaded(model, args.quantize, args.group_size)
     tokenizer = hemat.load_tokenizer(model_dir)
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative,
                     num_speculative_tokens=args.draft_tokens)
