@@ -445,7 +445,8 @@ def add_stage_arguments(p: argparse.ArgumentParser, section: str, data_help: str
     p.add_argument("--steps", type=int, help=f"optimizer steps ({section}.steps)")
     p.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
                    help="train LoRA adapters of rank RANK (default 16) on the frozen model instead of every weight "
-                        "(lora.rank; more settings: --set lora.alpha=32, lora.targets=q_proj,v_proj, ...)")
+                        "(lora.rank; more settings: --set lora.alpha=32, lora.targets=q_proj,v_proj, ...; QLoRA over "
+                        "an int4 base: --set lora.quantize=int4)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the run's newest checkpoint, or from CHECKPOINT (a step-N directory)")
 
