@@ -68,7 +68,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, config: LoraConfig):
         super().__init__()
         self.base_layer = base
-        device = base.weight.device
+        device = next(iter([*base.parameters(), *base.buffers()])).device  # a quantized base's weight is computed
         self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -166,6 +166,14 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
+def _linear_types() -> tuple[type, ...]:
+    """The layers LoraLinear wraps: nn.Linear, and QLoRA's frozen quantized linear (imported here, lazily:
+    qlora.py imports the quantizers, whose module imports this one)."""
+    from hemat.model.qlora import FrozenQuantizedLinear
+
+    return nn.Linear, FrozenQuantizedLinear
+
+
 def decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Candidates for adapters: the modules inside the decoder layers (MTP layers excluded)."""
     n = model.config.num_hidden_layers
@@ -178,7 +186,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The names of the modules `config` adapts: errors name a pattern that matches nothing, a matched
     module that is neither a linear layer nor routed experts, and a rank larger than a layer."""
     modules = decoder_modules(model)
-    adaptable = [(n, m) for n, m in modules if type(m) is nn.Linear or isinstance(m, RoutedExperts)]
+    linear = _linear_types()
+    adaptable = [(n, m) for n, m in modules if type(m) in linear or isinstance(m, RoutedExperts)]
     if config.targets is None:
         patterns = [p for p in DEFAULT_TARGETS if any(_matches(n, p) for n, _ in adaptable)]
     else:
@@ -191,7 +200,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise LoraError(f"lora target {pattern!r} matches no module of the decoder layers; "
                             f"adaptable module names: {', '.join(names)}")
         for name, module in hits:
-            if not (isinstance(module, (nn.Linear, RoutedExperts))):
+            if not isinstance(module, (*linear, RoutedExperts)):
                 raise LoraError(f"lora target {pattern!r} matches {name} ({type(module).__name__}), which is "
                                 "neither a linear layer nor routed experts")
             _check_rank(name, module, config.rank)

@@ -127,12 +127,21 @@ class LoraSection:
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
     targets: list[str] = field(default_factory=list)  # module-name patterns; empty: the architecture's defaults
+    quantize: str = ""  # QLoRA: int8 | int4 base projections (hemat.model.qlora); empty: a full-precision base
+    group_size: int = 64  # int4 only: inputs per scale and zero point (64: QLoRA's block size)
 
     def validate(self) -> None:
         if self.rank < 0:
             raise ConfigValueError(f"lora.rank must not be negative (0 turns LoRA off), got {self.rank}")
         if self.rank and not 0 <= self.dropout < 1:
             raise ConfigValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize:
+            from hemat.model.qlora import check_quantize_settings
+
+            if not self.rank:
+                raise ConfigValueError(f"lora.quantize={self.quantize} needs lora.rank > 0: a quantized base is "
+                                       "trained through adapters only")
+            check_quantize_settings(self.quantize, self.group_size)
 
     def adapter_config(self):
         """The LoraConfig to apply, or None for full fine-tuning."""

@@ -52,7 +52,7 @@ from hemat.train.rewards import (
     Problem, Verdict, embedded_problems, load_problems, overlong_penalty, reward, verify,
 )
 from hemat.train.sft import (
-    DEFAULT_CONFIG, add_stage_arguments, apply_lora, inherit_ledger, resolve_stage_config, stage_name,
+    DEFAULT_CONFIG, add_stage_arguments, apply_lora, base_dtype, inherit_ledger, resolve_stage_config, stage_name,
     stage_train_config, starting_checkpoint, tokenizer_files,
 )
 
@@ -510,7 +510,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
     tokenizer = load_tokenizer(model_dir)
     if not tokenizer.chat_template:
         raise HematError(f"{model_dir}: the tokenizer has no chat template, which the prompts are rendered with")
-    model = from_pretrained(model_dir, dtype=torch.float32)
+    model = from_pretrained(model_dir, dtype=base_dtype(config))
     context = model.config.max_position_embeddings
     problems = [p for p in load_stage_problems(cfg)
                 if len(prompt_ids(tokenizer, p)) + cfg.max_new_tokens <= context]

@@ -122,11 +122,25 @@ def apply_lora(model, config: RunConfig, model_dir: str | Path) -> None:
     adapter = section.adapter_config() if section else None
     if adapter is None:
         return
+    base = ""
+    if section.quantize:
+        from hemat.model.qlora import quantize_base
+
+        quantize_base(model, section.quantize, section.group_size)
+        group = f" (group {section.group_size})" if section.quantize == "int4" else ""
+        base = f" over an {section.quantize} base{group}"
     names = add_adapters(model, adapter, base_model=str(Path(model_dir).resolve()))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"lora: rank {adapter.rank} on {len(names)} modules, {trainable:,} trainable parameters "
-          f"({100 * trainable / total:.2f}% of {total:,})", flush=True)
+    print(f"lora: rank {adapter.rank} on {len(names)} modules{base}, {trainable:,} trainable parameters "
+          f"({100 * trainable / total:.2f}% of {total:,} unquantized)", flush=True)
+
+
+def base_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype the starting checkpoint is read in: float32, or bfloat16 under QLoRA (lora.quantize), whose base
+    is then quantized layer by layer, so loading never holds the model in float32."""
+    section = config.sections.get("lora")
+    return torch.bfloat16 if section and section.rank and section.quantize else torch.float32
 
 
 def stage_name(base: str, run_dir: str | Path, resume: str | None) -> str:
@@ -364,7 +378,7 @@ def run_sft(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | N
     if env.world_size > 1:
         raise HematError("sft runs in one process; launch it without torchrun")
     try:
-        model = from_pretrained(model_dir, dtype=torch.float32)
+        model = from_pretrained(model_dir, dtype=base_dtype(config))
         if cfg.seq_len > model.config.max_position_embeddings:
             raise ConfigValueError(f"sft.seq_len ({cfg.seq_len}) exceeds the model's context "
                                    f"({model.config.max_position_embeddings})")
@@ -431,7 +445,8 @@ def add_stage_arguments(p: argparse.ArgumentParser, section: str, data_help: str
     p.add_argument("--steps", type=int, help=f"optimizer steps ({section}.steps)")
     p.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
                    help="train LoRA adapters of rank RANK (default 16) on the frozen model instead of every weight "
-                        "(lora.rank; more settings: --set lora.alpha=32, lora.targets=q_proj,v_proj, ...)")
+                        "(lora.rank; more settings: --set lora.alpha=32, lora.targets=q_proj,v_proj, ...; QLoRA over "
+                        "an int4 base: --set lora.quantize=int4)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the run's newest checkpoint, or from CHECKPOINT (a step-N directory)")
 

@@ -1,0 +1,121 @@
+"""QLoRA (Dettmers et al., 2023): LoRA over a frozen base whose projections are stored in int8 or int4, applied
+from outside like the adapters themselves: `quantize_base(model, "int4", group_size)` replaces every linear
+layer of the decoder layers by a FrozenQuantizedLinear, one layer at a time (each full-precision weight is freed
+as its layer is swapped, so quantizing needs little more memory than the bf16 model itself: +160 MiB on the
+1.5B shape), and add_adapters then wraps those as it wraps nn.Linear.
+
+The formats are the inference ones (hemat.infer.quantize's quantizers: int8 with one scale per output channel,
+int4 with a scale and zero point per group of inputs), stored in layouts that dequantize in a few elementwise
+passes. Training multiplies by the weight dequantized per call in the activations' dtype rather than through
+the packed inference kernels: for training-sized inputs (thousands of rows) one dequantization and one bf16
+matmul is several times faster than the packed kernels, which are built for the few rows of decoding
+(benchmarks/qlora_memory.py --kernels measures it). The backward pass dequantizes again for dX = dY · W: the
+weight gets no gradient, and no dequantized copy outlives the call that made it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemat.infer.quantize import FORMATS, GROUP_SIZES, QuantizationError, quantize_int4, quantize_int8
+from hemat.model.moe import RoutedExperts
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x · Wᵀ with W = layer.dequantize(x.dtype) made in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: FrozenQuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
+
+
+class FrozenQuantizedLinear(nn.Module):
+    """A frozen linear layer in int8 (q [out, in], w = q · scale per output row) or int4 (two 4-bit values per
+    byte, [out, in/2], inputs 2j in the low nibble and 2j+1 in the high; w = q · scale + offset per group of
+    `group_size` inputs, offset = -zero_point · scale). `weight` is the dequantized weight in `dtype` (what
+    MLA's absorbed attention and the inference forms read; not a Parameter, so merging refuses it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.format, self.group_size, self.dtype = fmt, group_size, weight.dtype
+        if fmt == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale[:, None])  # [out, 1]
+            self.register_buffer("offset", None)
+        else:
+            q, scale, zero_point = quantize_int4(weight, group_size)
+            self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))
+            self.register_buffer("scale", scale)  # [out, in/g]
+            self.register_buffer("offset", -zero_point.float() * scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.offset is None:
+            return self.qweight.to(dtype) * self.scale.to(dtype)
+        # the nibbles written straight into the output, then scaled in place: fewer passes than stack + addcmul
+        w = torch.empty(self.out_features, self.in_features // 2, 2, dtype=dtype, device=self.qweight.device)
+        w[..., 0], w[..., 1] = self.qweight & 15, self.qweight >> 4
+        w = w.view(self.out_features, -1, self.group_size)
+        torch.addcmul(self.offset.to(dtype)[..., None], w, self.scale.to(dtype)[..., None], out=w)
+        return w.view(self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantizedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.format == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}{group}"
+
+
+def check_quantize_settings(fmt: str, group_size: int) -> None:
+    """lora.quantize and lora.group_size, the names the errors give."""
+    if fmt not in FORMATS:
+        raise QuantizationError(f"lora.quantize must be one of {', '.join(FORMATS)} (or empty for a bf16/fp32 "
+                                f"base), got {fmt!r}")
+    if fmt == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"lora.group_size must be one of {GROUP_SIZES}, got {group_size}")
+
+
+def quantize_base(model: nn.Module, fmt: str, group_size: int) -> list[str]:
+    """Replace every nn.Linear of the decoder layers (attention, MLA's projections, dense MLPs, shared
+    experts) with a FrozenQuantizedLinear, in place, before adapters are added; embeddings, norms, routers
+    and the output head stay. Routed experts are refused: their stacked weights have no quantized training
+    form yet. → the names replaced."""
+    check_quantize_settings(fmt, group_size)
+    layers = model.model.layers
+    for name, module in layers.named_modules(prefix="model.layers"):
+        if isinstance(module, RoutedExperts):
+            raise QuantizationError(f"lora.quantize cannot quantize {name} ({type(module).__name__}): routed "
+                                    "experts have no quantized training form; use LoRA on a bf16 base for MoE models")
+    names = []
+    for name, module in layers.named_modules(prefix="model.layers"):
+        if type(module) is not nn.Linear:
+            continue
+        if fmt == "int4" and module.in_features % group_size:
+            raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension "
+                                    f"{module.in_features} of {name} (choose one of {GROUP_SIZES} that does)")
+        names.append(name)
+    with torch.no_grad():
+        for name in names:  # by name: no reference to a replaced layer outlives its swap, so its weight is freed
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            frozen = FrozenQuantizedLinear(linear.weight, linear.bias, fmt, group_size).train(linear.training)
+            setattr(model.get_submodule(parent), child, frozen)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return names
