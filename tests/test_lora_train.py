@@ -42,14 +42,14 @@ def losses(run: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in records}
 
 
-def test_lora_sft_killed_and_resumed_reproduces_every_loss(checkpoint, tmp_path):
+def killed_and_resumed(command, tmp_path: Path) -> tuple[Path, str, str]:
+    """Run `command(run_dir)` through, and again killed with SIGKILL after step 3 and resumed; assert both
+    runs log bit-identical losses that fall → (the uninterrupted run's directory, its stdout, the resume's)."""
     reference = tmp_path / "reference"
-    done = subprocess.run(sft_cmd(checkpoint, reference), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(reference), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "lora: rank 4 on" in done.stdout
-
     run = tmp_path / "killed"
-    process = start(sft_cmd(checkpoint, run), tmp_path / "killed.log")
+    process = start(command(run), tmp_path / "killed.log")
     seen = wait_for_step(process, run, 3, timeout=120)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -60,6 +60,12 @@ def test_lora_sft_killed_and_resumed_reproduces_every_loss(checkpoint, tmp_path)
     assert "resumed from" in resumed.stdout
     assert losses(run) == losses(reference)  # bit-identical, step by step
     assert losses(reference)[STEPS][0] < losses(reference)[1][0]  # the adapters learn
+    return reference, done.stdout, resumed.stdout
+
+
+def test_lora_sft_killed_and_resumed_reproduces_every_loss(checkpoint, tmp_path):
+    reference, stdout, _ = killed_and_resumed(lambda run: sft_cmd(checkpoint, run), tmp_path)
+    assert "lora: rank 4 on" in stdout
 
     final = reference / "checkpoints" / f"step-{STEPS}"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()

@@ -5,8 +5,6 @@ and resumed reproduces an uninterrupted run's losses exactly, and its PEFT-forma
 
 import json
 import math
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,15 +23,13 @@ from hemat.model.qlora import FrozenQuantizedLinear, quantize_base
 from hemat.model.transformer import CausalLM
 from hemat.train.grpo import load_grpo_config, run_grpo
 from hemat.train.sft import load_sft_config
-from test_lora_train import SFT, losses
-from test_resume import start, wait_for_step
+from test_lora_train import SFT, STEPS, killed_and_resumed
 from test_sft import FAST, TINY, make_checkpoint
 
 # a dense MLA model (no routed experts) whose every projection input divides the int4 group size 32
 DENSE_MLA = dict(first_k_dense_replace=2, num_nextn_predict_layers=0, q_lora_rank=32, kv_lora_rank=32, v_head_dim=16)
 QWEN2 = dict(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
-STEPS = 8
 
 
 def reference_weight(weight: torch.Tensor, fmt: str, group_size: int) -> torch.Tensor:
@@ -126,23 +122,8 @@ def qlora_cmd(checkpoint: Path, run: Path) -> list[str]:
 
 
 def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(dense_checkpoint, tmp_path):
-    reference = tmp_path / "reference"
-    done = subprocess.run(qlora_cmd(dense_checkpoint, reference), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "over an int4 base (group 32)" in done.stdout
-
-    run = tmp_path / "killed"
-    process = start(qlora_cmd(dense_checkpoint, run), tmp_path / "killed.log")
-    seen = wait_for_step(process, run, 3, timeout=120)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL and seen < STEPS
-    resumed = subprocess.run([sys.executable, "-m", "hemat", "sft", "--run-dir", str(run), "--resume"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from" in resumed.stdout and "over an int4 base" in resumed.stdout
-    assert losses(run) == losses(reference)  # bit-identical, step by step
-    assert losses(reference)[STEPS][0] < losses(reference)[1][0]  # the adapters learn
+    reference, stdout, resumed = killed_and_resumed(lambda run: qlora_cmd(dense_checkpoint, run), tmp_path)
+    assert "over an int4 base (group 32)" in stdout and "over an int4 base" in resumed
 
     final = reference / "checkpoints" / f"step-{STEPS}"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
