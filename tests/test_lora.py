@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hemat.model.adapter_io import load_adapter, merge, save_adapter
 from hemat.model.hf import from_pretrained
