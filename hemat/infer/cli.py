@@ -119,7 +119,8 @@ def _load_engine(args):
     context = model.config.max_position_embeddings
     params = _sampling_params(args, model_dir)
     engine = Engine(model, tokenizer, max_batch_size=params.n, speculative=args.speculative,
-                    num_speculative_tokens=args.draft_tokens, cache_tokens=params.n * (context + 64))  # + room for page rounding and MTP drafts
+                    num_speculative_tokens=args.draft_tokens,
+                    cache_tokens=params.n * (context + 64))  # + room for page rounding and MTP drafts
     return engine, params
 
 

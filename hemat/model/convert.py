@@ -62,11 +62,7 @@ def add_command(subparsers) -> set[str]:
         "in float8_e4m3fn with a float32 weight_scale_inv per 128x128 block, the rest in bf16). Loads in "
         "float32 for fp32 and fp8 output (4 bytes per parameter of memory), in bf16 for bf16.",
     )
-    p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory or Hub id org/name[@rev]")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    p.add_argument("--format", required=True, choices=list(LOAD_DTYPES), help="weights format to write")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
-    p.set_defaults(func=_convert_command)
+    _add_arguments(p, list(LOAD_DTYPES))
     q = subparsers.add_parser(
         "quantize", help="write a weight-only int8/int4 checkpoint (compressed-tensors pack-quantized)",
         description="Quantize every projection of a checkpoint (attention, MLP, experts, an untied head) to "
@@ -74,12 +70,16 @@ def add_command(subparsers) -> set[str]:
         "by rounding to nearest, and write it with its tokenizer to --out in compressed-tensors' pack-quantized "
         "layout (read by vLLM, by transformers with the compressed-tensors package, and by every hemat command).",
     )
-    q.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory or Hub id org/name[@rev]")
-    q.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    q.add_argument("--format", required=True, choices=QUANTIZED_FORMATS, help="weights format to write")
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
-    q.set_defaults(func=_convert_command)
+    _add_arguments(q, QUANTIZED_FORMATS)
     return {"convert", "quantize"}
+
+
+def _add_arguments(p: argparse.ArgumentParser, formats) -> None:
+    p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory or Hub id org/name[@rev]")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument("--format", required=True, choices=formats, help="weights format to write")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.set_defaults(func=_convert_command)
 
 
 def _convert_command(args: argparse.Namespace) -> None:
