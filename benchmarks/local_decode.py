@@ -11,7 +11,8 @@ weights read per token over the memory bandwidth, measured here by a sum over 1 
 The llama.cpp rows run hemat's own `export-gguf` file (q8_0, q4_0) through llama-cpp-python, which has no
 binary wheel for most CPUs: `bash benchmarks/setup_llama_cpp.sh` builds it from its source package (about
 15 minutes on 2 cores). Without it those rows are skipped with a note. llama-cpp-python decodes one
-sequence at a time through its high-level API, so its rows have batch 1 only.
+sequence at a time through its high-level API, so its rows have batch 1 only. A hemat row named with
+`+compile` (e.g. hemat-int4+compile) decodes through the compiled step, compiled before the timing.
 """
 
 from __future__ import annotations
