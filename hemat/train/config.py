@@ -73,7 +73,8 @@ class TrainConfig:
                    "device": ("auto", "cpu", "cuda")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigValueError(f"{section}.{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+                raise ConfigValueError(f"{section}.{key}: expected one of {', '.join(allowed)}, "
+                                       f"got {getattr(self, key)!r}")
         for key in ("steps", "seq_len", "batch_tokens", "micro_batch_size", "loss_chunk_tokens", "eval_tokens",
                     "keep_checkpoints", "max_nonfinite", "ledger_interval"):
             if getattr(self, key) <= 0:

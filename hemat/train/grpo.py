@@ -519,7 +519,8 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         reference = None
         if cfg.beta > 0 or cfg.log_kl:  # with LoRA, the model itself with its adapters off: no second copy
             reference = model if has_adapters(model) else copy.deepcopy(model).eval().requires_grad_(False)
-        source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, stage.env.device, score_fn, train.seed)
+        source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, stage.env.device, score_fn,
+                               train.seed)
         held_out = eval_set(cfg)
 
         def step_metrics(step: int) -> dict:
