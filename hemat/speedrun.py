@@ -44,12 +44,10 @@ class SpeedrunConfig:
 
 
 def _schemas() -> dict:
-    from hemat.train.config import LoraSection
-    from hemat.train.grpo import GRPOConfig
-    from hemat.train.sft import SFTConfig
+    from hemat.train import grpo, sft
 
     # lora: (rank 0 by default) LoRA instead of full fine-tuning in the SFT and GRPO stages
-    return {"speedrun": SpeedrunConfig, "sft": SFTConfig, "grpo": GRPOConfig, "lora": LoraSection}
+    return {"speedrun": SpeedrunConfig, **sft.SCHEMAS, **grpo.SCHEMAS}
 
 
 def speedrun(preset: str, out: str | Path, overrides: list[str] = ()) -> dict:

@@ -167,17 +167,6 @@ class StageSection:
     model: str | None = None  # checkpoint to start from, with its tokenizer: a directory or a Hub id
     data: str | None = None  # the stage's data file; null: the embedded arithmetic problems
 
-    @classmethod
-    def train_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in cls.FIXED]
-
-    @classmethod
-    def train_values(cls, data: dict, section: str) -> dict[str, Any]:
-        """The train: values this stage sets: its defaults, then the section's own train: keys, type-checked."""
-        hints = typing.get_type_hints(TrainConfig)
-        given = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in data.items() if k in cls.train_keys()}
-        return {**cls.TRAIN_DEFAULTS, **given}
-
 
 SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig}
 
@@ -227,8 +216,10 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), schemas: di
                                f"({model.max_position_embeddings})")
     stage_train, stage_raw = {}, {}
     for name, cls in schemas.items():
-        if issubclass(cls, StageSection):
-            values = cls.train_values(raw[name], name)
+        if issubclass(cls, StageSection):  # the section's train: keys over the stage's defaults over train:
+            keys, own = section_keys(cls), {f.name for f in dataclasses.fields(cls)}
+            values = {**cls.TRAIN_DEFAULTS,
+                      **{k: coerce(v, keys[k], f"{name}.{k}") for k, v in raw[name].items() if k not in own}}
             stage_train[name] = dataclasses.replace(train, **values)
             stage_train[name].validate(name)
             # RUN/config.yaml records the stage's train: values, so a resumed run trains with the same ones
@@ -244,17 +235,13 @@ def apply_override(raw: dict, item: str, schemas: dict[str, type]) -> None:
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise ConfigValueError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
-    if section == "model":
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-        hints = typing.get_type_hints(ModelConfig)
-    elif section in schemas:
-        hints = section_keys(schemas[section])
-        known = set(hints)
-    else:
+    if section != "model" and section not in schemas:
         raise ConfigValueError(f"override {item!r}: unknown section {section!r}; "
                                f"sections: {', '.join(['model', *schemas])}")
-    if name not in known:
-        raise ConfigValueError(f"override {item!r}: {section} has no key {name!r}; keys: {', '.join(sorted(known))}")
+    hints = section_keys(schemas.get(section, ModelConfig))
+    hints.pop("extra", None)  # ModelConfig's bag of unrecognised HF fields, not a key
+    if name not in hints:
+        raise ConfigValueError(f"override {item!r}: {section} has no key {name!r}; keys: {', '.join(sorted(hints))}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -267,8 +254,7 @@ def apply_override(raw: dict, item: str, schemas: dict[str, type]) -> None:
 
 def build_section(cls: type, data: dict, section: str, source: str = "config"):
     """A section mapping → its dataclass, every value coerced to the field's type (a stage section's train: keys
-    are left to StageSection.train_values); unknown keys are errors. A section with a `resolved()` method (derived
-    defaults) is resolved before `validate()` checks it."""
+    are load_config's); unknown keys are errors. A `resolved()` method (derived defaults) runs before `validate()`."""
     hints = section_keys(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
@@ -288,8 +274,7 @@ def section_keys(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     keys = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     if issubclass(cls, StageSection):
-        train = typing.get_type_hints(TrainConfig)
-        keys.update({k: train[k] for k in cls.train_keys()})
+        keys.update({k: v for k, v in typing.get_type_hints(TrainConfig).items() if k not in cls.FIXED})
     return keys
 
 

@@ -500,8 +500,6 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
     """Train config.sections["grpo"].model (or model_dir) with GRPO into RUN/checkpoints/step-N/; returns the
     last step's metrics plus `checkpoint`. score_fn(problem, completion_ids, text) -> (Verdict, reward)
     replaces the rule-based rewards (tests, custom tasks)."""
-    from hemat.train import checkpoint
-
     with FineTune("grpo", config, run_dir, model_dir, resume) as stage:
         cfg, tokenizer = stage.cfg, stage.tokenizer
         model = stage.load_model()
@@ -535,8 +533,7 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
         result = stage.fit(model, source, train=train, step_metrics=step_metrics,
                            loss_fn=lambda m, b: grpo_loss(m, b, cfg.epsilon, cfg.epsilon_high, cfg.beta, on_policy,
                                                           cfg.temperature))
-        records = checkpoint.MetricsLog(Path(run_dir) / "metrics.jsonl").records()
-        plot_grpo(records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
+        plot_grpo(stage.records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
         return result
 
 

@@ -18,9 +18,7 @@ from hemat.model.convert import TOKENIZER_FILES
 from hemat.train.config import RunConfig, load_config
 
 DEFAULT_CONFIG = "cpu-tiny"
-# the values the summary reports when the run logged them, as (metric, label, digits)
-SUMMARY = (("loss", "loss", 4), ("val_loss", "val loss", 4), ("val_bpb", "bits/byte", 3), ("reward", "reward", 3),
-           ("accuracy", "accuracy", 3), ("eval_accuracy", "held-out accuracy", 3))
+SUMMARY = ("loss", "val_loss", "val_bpb", "reward", "accuracy", "eval_accuracy")  # the metrics a summary shows
 
 
 # ---- the run config from the command line ---------------------------------------------------------------
@@ -73,7 +71,6 @@ class Stage:
     def __init__(self, name: str, config: RunConfig, run_dir: str | Path, resume: str | None = None):
         self.name, self.config, self.run_dir, self.resume = name, config, Path(run_dir), resume
         self.train = config.train_for(name)
-        self.env = None
 
     def __enter__(self) -> Stage:
         from hemat.train.loop import prepare_process
@@ -88,17 +85,16 @@ class Stage:
 
     def fit(self, model, source, *, train=None, stage: str | None = None, **trainer_args) -> dict:
         """Train `model` on `source` (Trainer keyword arguments pass through) → the last step's metrics, with the
-        newest logged value of each SUMMARY metric, `checkpoint` and `stopped_by`."""
-        from hemat.train import checkpoint
+        newest logged value of each SUMMARY metric, `checkpoint` and `stopped_by`; self.records: every step's."""
         from hemat.train.loop import Trainer
 
         trainer = Trainer(model, train or self.train, self.run_dir, source, stage=stage or self.name, env=self.env,
                           run_config=self.config.to_yaml(), **trainer_args)
         result = trainer.fit(self.resume)
         if self.env.is_main:
-            records = checkpoint.MetricsLog(self.run_dir / "metrics.jsonl").records()
-            for key, _, _ in SUMMARY:  # GRPO's rewards come with rollouts, not every step
-                result[key] = next((r[key] for r in reversed(records) if r.get(key) is not None), result.get(key))
+            self.records = trainer.metrics.records()
+            for key in SUMMARY:  # GRPO's rewards come with rollouts, not every step
+                result[key] = next((r[key] for r in reversed(self.records) if r.get(key) is not None), result.get(key))
             print(summary(self.name, result, trainer), flush=True)
         return result
 
@@ -142,8 +138,7 @@ class FineTune(Stage):
 
 def summary(name: str, result: dict, trainer) -> str:
     lines = [f"stopped by {result['stopped_by']} at step {trainer.step}"] if result.get("stopped_by") else []
-    values = ", ".join(f"{label} {result[key]:.{digits}f}" for key, label, digits in SUMMARY
-                       if result.get(key) is not None)
+    values = ", ".join(f"{key} {result[key]:.4f}" for key in SUMMARY if result.get(key) is not None)
     lines += [f"{name} step {trainer.step}: {values or 'no metrics'}", trainer.ledger.format()]
     if result.get("checkpoint"):
         lines.append(f"checkpoint: {result['checkpoint']}")
