@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hemat.errors import HematError
 from hemat.model.convert import TOKENIZER_FILES
-from hemat.train.config import RunConfig, load_config
+from hemat.train.config import LoraSection, RunConfig, load_config
 
 DEFAULT_CONFIG = "cpu-tiny"
 SUMMARY = ("loss", "val_loss", "val_bpb", "reward", "accuracy", "eval_accuracy")  # the metrics a summary shows
@@ -114,19 +114,21 @@ class FineTune(Stage):
         self.cfg.model = config.raw[name]["model"] = str(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         if not self.tokenizer.chat_template:
-            raise HematError(f"{self.model_dir}: the tokenizer has no chat template, which {name} renders its data "
-                             "with")
+            raise HematError(f"{self.model_dir}: the tokenizer has no chat template, which {name} renders data with")
 
     def load_model(self):
-        """The starting checkpoint with the lora: section's adapters (QLoRA: over its quantized base), on the
-        run's device."""
+        """The starting checkpoint with the lora: section's adapters, on the run's device. Under QLoRA
+        (lora.quantize) it is read in bfloat16 and its base quantized layer by layer: never all in float32."""
+        import torch
+
         from hemat.model.hf import from_pretrained
 
         if self.env.world_size > 1:
             raise HematError(f"{self.name} runs in one process; launch it without torchrun")
-        model = from_pretrained(self.model_dir, dtype=base_dtype(self.config))
+        lora = self.config.sections.get("lora") or LoraSection()
+        model = from_pretrained(self.model_dir, dtype=torch.bfloat16 if lora.rank and lora.quantize else torch.float32)
         self.config.raw["model"] = model.config.to_hf_dict()
-        apply_lora(model, self.config, self.model_dir)
+        apply_lora(model, lora, self.model_dir)
         return model.to(self.env.device)
 
     def fit(self, model, source, **trainer_args) -> dict:
@@ -161,21 +163,11 @@ def tokenizer_files(folder: str | Path) -> list[Path]:
     return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
 
 
-def base_dtype(config: RunConfig):
-    """The dtype the starting checkpoint is read in: float32, or bfloat16 under QLoRA (lora.quantize), whose base
-    is then quantized layer by layer, so loading never holds the model in float32."""
-    import torch
-
-    section = config.sections.get("lora")
-    return torch.bfloat16 if section and section.rank and section.quantize else torch.float32
-
-
-def apply_lora(model, config: RunConfig, model_dir: str | Path) -> None:
+def apply_lora(model, section: LoraSection, model_dir: str | Path) -> None:
     """The `lora:` section's adapters on the frozen `model` (nothing when lora.rank is 0)."""
     from hemat.model.lora import add_adapters
 
-    section = config.sections.get("lora")
-    adapter = section.adapter_config() if section else None
+    adapter = section.adapter_config()
     if adapter is None:
         return
     base = ""
