@@ -235,7 +235,7 @@ def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict
     fine_tuning = markdown_table(["", ""], [
         ["data", f"{sft.data}" if sft.data else f"{sft.problems:,} embedded training-side problems as chats"],
         ["steps", f"{sft_train.steps} × {sft_train.batch_tokens:,} tokens, loss on the assistant turns only"],
-        ["optimizer", f"AdamW, peak LR {sft_train.lr:g}, {sft_train.schedule} schedule"],
+        ["optimizer", f"{sft_train.optimizer}, peak LR {sft_train.lr:g}, {sft_train.schedule} schedule"],
     ])
     rl = markdown_table(["", ""], [
         ["variant", f"{grpo.variant} (ε {grpo.epsilon}/{grpo.epsilon_high}, β {grpo.beta}, "
@@ -243,7 +243,7 @@ def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict
         ["rollouts", f"{grpo_train.steps} steps × {grpo.prompts_per_step} prompts × G={grpo.group_size} samples, "
                      f"temperature {grpo.temperature}, at most {grpo.max_new_tokens} new tokens"],
         ["reward", f"1 for the right final answer + {grpo.format_reward} for the <think> format (rules, no model)"],
-        ["optimizer", f"AdamW, LR {grpo_train.lr:g}, {grpo_train.schedule} schedule"],
+        ["optimizer", f"{grpo_train.optimizer}, LR {grpo_train.lr:g}, {grpo_train.schedule} schedule"],
     ])
     levels = list(before["by_level"])
     accuracy = markdown_table(["model", "all", *[f"level {k}" for k in levels]], [
