@@ -1,7 +1,9 @@
 """QLoRA: the frozen quantized linear layer against autograd through F.linear with the weight dequantized from
-the quantizers' own output (forward and input gradient, no weight gradient, nothing saved for the backward);
-quantize_base on dense and MLA models and its refusals; `hemat sft --set lora.quantize=int4` killed with SIGKILL
-and resumed reproduces an uninterrupted run's losses exactly, and its PEFT-format adapter loads back."""
+the quantizers' own output (forward and input gradient, no weight gradient, nothing saved for the backward); the
+frozen quantized routed experts, with and without their LoRA, against RoutedExperts and LoraExperts on the
+dequantized weights; quantize_base on dense, MLA and MoE models and its refusals; `hemat sft --set
+lora.quantize=int4` (dense and MoE) killed with SIGKILL and resumed reproduces an uninterrupted run's losses
+exactly, and its PEFT-format adapter loads back."""
 
 import json
 import math
@@ -18,8 +20,9 @@ from hemat.infer.quantize import QuantizationError, quantize_int4, quantize_int8
 from hemat.model.adapter_io import load_adapter, save_adapter
 from hemat.model.config import ModelConfig
 from hemat.model.hf import from_pretrained
-from hemat.model.lora import LoraConfig, add_adapters, merge_adapters
-from hemat.model.qlora import FrozenQuantizedLinear, quantize_base
+from hemat.model.lora import LoraConfig, LoraExperts, add_adapters, merge_adapters
+from hemat.model.moe import RoutedExperts
+from hemat.model.qlora import FrozenQuantizedExperts, FrozenQuantizedLinear, quantize_base
 from hemat.model.transformer import CausalLM
 from hemat.train.grpo import load_grpo_config, run_grpo
 from hemat.train.sft import load_sft_config
@@ -28,6 +31,8 @@ from test_sft import FAST, TINY, make_checkpoint
 
 # a dense MLA model (no routed experts) whose every projection input divides the int4 group size 32
 DENSE_MLA = dict(first_k_dense_replace=2, num_nextn_predict_layers=0, q_lora_rank=32, kv_lora_rank=32, v_head_dim=16)
+# TINY's MoE layer (4 routed experts, top 2, one shared) with inputs that divide 32 as well
+MOE_MLA = {**DENSE_MLA, "first_k_dense_replace": 1, "moe_intermediate_size": 32}
 QWEN2 = dict(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
 
@@ -67,6 +72,52 @@ def test_frozen_quantized_linear_matches_autograd_through_the_dequantized_weight
     assert y.dtype == dtype and torch.allclose(y.float(), y_ref, **tol)
     assert torch.allclose(x.grad.float(), x_ref.grad, **tol)
     assert torch.allclose(layer.weight.float(), expected_weight, atol=1e-6)
+
+
+def expert_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**TINY, **MOE_MLA, "vocab_size": 96, **overrides})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_frozen_quantized_experts_are_routed_experts_on_the_dequantized_weights(fmt):
+    """Output, input gradient and adapter gradients against RoutedExperts (its grouped path) and LoraExperts (W + ΔW
+    merged per call) on each expert's weight dequantized from the quantizers' output; expert 3 gets no tokens."""
+    torch.manual_seed(0)
+    experts = RoutedExperts(expert_config())
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    frozen = FrozenQuantizedExperts(experts, fmt, group_size=32)
+    assert list(frozen.parameters()) == []
+    reference = RoutedExperts(expert_config())
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            stack = torch.stack([reference_weight(w, fmt, 32) for w in getattr(experts, name)])
+            assert (stack - getattr(experts, name)).abs().max() < 0.1 * getattr(experts, name).abs().max()
+            getattr(reference, name).copy_(stack)
+            assert torch.allclose(getattr(frozen, name), stack, atol=1e-6)
+    adapted, adapted_ref = LoraExperts(frozen, LoraConfig(rank=4)), LoraExperts(reference, LoraConfig(rank=4))
+    factors = [p for n, p in adapted.named_parameters() if "_lora." in n]
+    factors_ref = [p for n, p in adapted_ref.named_parameters() if "_lora." in n]
+    with torch.no_grad():
+        for p, p_ref in zip(factors, factors_ref, strict=True):
+            p.normal_(std=0.1), p_ref.copy_(p)  # the same adapter, B ≠ 0: it changes the output
+
+    x = torch.randn(10, 32, requires_grad=True)
+    ids = torch.tensor([[0, 1], [2, 1], [1, 0], [0, 2], [2, 0], [1, 2], [0, 1], [2, 1], [1, 0], [0, 2]])
+    weights = torch.rand(10, 2)
+    for module, ref in ((frozen, reference), (adapted, adapted_ref)):
+        x_ref = x.detach().clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = module(x, weights, ids)
+        assert not [t for t in saved if t.numel() >= experts.gate_up_proj[0].numel()]  # no expert weight kept
+        y_ref = ref(x_ref, weights, ids)
+        grad = torch.randn_like(y_ref)
+        x.grad = None
+        y.backward(grad), y_ref.backward(grad)
+        assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    for p, p_ref in zip(factors, factors_ref):
+        assert p.grad.abs().sum() > 0 and torch.allclose(p.grad, p_ref.grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
