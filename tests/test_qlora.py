@@ -121,11 +121,13 @@ def test_frozen_quantized_experts_are_routed_experts_on_the_dequantized_weights(
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [QWEN2, {**TINY, **DENSE_MLA, "vocab_size": 96}], ids=["qwen2", "mla"])
+@pytest.mark.parametrize("shape", [QWEN2, {**TINY, **DENSE_MLA, "vocab_size": 96}, {**TINY, **MOE_MLA, "vocab_size": 96}],
+                         ids=["qwen2", "mla", "moe"])
 def test_quantize_base_is_the_model_with_dequantized_weights(fmt, shape):
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**shape))
-    projections = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.layers.")]
+    projections = [n for n, m in model.named_modules()
+                   if type(m) in (torch.nn.Linear, RoutedExperts) and n.startswith("model.layers.")]
     names = quantize_base(model, fmt, group_size=32)
     assert names == projections and len(names) >= 7 * model.config.num_hidden_layers
     # the reference: the same architecture with each projection's weight set to its dequantized value
@@ -134,8 +136,11 @@ def test_quantize_base_is_the_model_with_dequantized_weights(fmt, shape):
                               strict=False)
     with torch.no_grad():
         for name in names:
-            reference.get_submodule(name).weight.copy_(model.get_submodule(name).weight)
-    add_adapters(model, LoraConfig(rank=4))
+            frozen, ref = model.get_submodule(name), reference.get_submodule(name)
+            for weight in ("gate_up_proj", "down_proj") if isinstance(frozen, RoutedExperts) else ("weight",):
+                getattr(ref, weight).copy_(getattr(frozen, weight))
+    adapted = add_adapters(model, LoraConfig(rank=4))
+    assert adapted == names
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
     tokens = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
@@ -143,14 +148,17 @@ def test_quantize_base_is_the_model_with_dequantized_weights(fmt, shape):
     model.train()
     model(tokens).logsumexp(-1).mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if ".lora_B" in n]
-    assert len(grads) == len(names) and all(g is not None and g.abs().sum() > 0 for g in grads)
+    experts = sum(isinstance(model.get_submodule(n).base_layer, RoutedExperts) for n in names)
+    assert len(grads) == len(names) + experts and all(g is not None and g.abs().sum() > 0 for g in grads)
     with pytest.raises(HematError, match="quantized base"):
         merge_adapters(model)
 
 
 def test_quantize_base_refuses_what_it_cannot_quantize():
-    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.mlp\.experts \(RoutedExperts\)"):
-        quantize_base(CausalLM(ModelConfig(**{**TINY, "vocab_size": 96})), "int4", 32)
+    moe = CausalLM(expert_config(moe_intermediate_size=16, n_shared_experts=2))  # only the experts' 16 is off
+    with pytest.raises(QuantizationError, match=r"does not divide the input dimension 16 of "
+                                                r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        quantize_base(moe, "int4", 32)
     with pytest.raises(QuantizationError, match=r"does not divide the input dimension 64 of model\.layers\.0"):
         quantize_base(CausalLM(ModelConfig(**QWEN2)), "int4", 128)
     with pytest.raises(HematError, match="lora.quantize must be one of int8, int4"):
@@ -172,16 +180,26 @@ def qlora_cmd(checkpoint: Path, run: Path) -> list[str]:
             "--lora", "4", "--set", "lora.alpha=8", *overrides]
 
 
-def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(dense_checkpoint, tmp_path):
-    reference, stdout, resumed = killed_and_resumed(lambda run: qlora_cmd(dense_checkpoint, run), tmp_path)
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qlora-moe") / "base", **MOE_MLA)
+
+
+@pytest.mark.parametrize("base", ["dense_checkpoint", "moe_checkpoint"])
+def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(base, request, tmp_path):
+    """Over the MoE base the routed experts are int4 too, and adapted (PEFT's target_parameters names); the run
+    uses gradient checkpointing and, for the MoE base, the aux-loss-free router bias updates."""
+    checkpoint = request.getfixturevalue(base)
+    reference, stdout, resumed = killed_and_resumed(lambda run: qlora_cmd(checkpoint, run), tmp_path)
     assert "over an int4 base (group 32)" in stdout and "over an int4 base" in resumed
 
     final = reference / "checkpoints" / f"step-{STEPS}"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     saved = load_file(final / "adapter_model.safetensors")
     assert saved and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in saved)
+    assert any(".mlp.experts." in k for k in saved) == (base == "moe_checkpoint")
     # the adapter loads back onto the quantized base, tensor for tensor, and moves its logits
-    model = from_pretrained(dense_checkpoint, dtype=torch.bfloat16)
+    model = from_pretrained(checkpoint, dtype=torch.bfloat16)
     quantize_base(model, "int4", 32)
     tokens = torch.tensor([[3, 5, 7, 11, 13]])
     with torch.no_grad():
