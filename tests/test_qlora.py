@@ -212,10 +212,10 @@ def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(base, request
     assert (adapted.float() - base_logits.float()).abs().max() > 1e-3
 
 
-def test_qlora_grpo_runs_over_the_quantized_base(dense_checkpoint, tmp_path):
+def test_qlora_grpo_runs_over_the_quantized_base(moe_checkpoint, tmp_path):
     """GRPO's rollouts (the inference engine over the adapted quantized base) and its reference (the base with
-    the adapters off) work over an int8 base."""
-    overrides = FAST + [f"grpo.model={dense_checkpoint}", "grpo.problems=20", "grpo.prompts_per_step=2",
+    the adapters off) work over an int8 base with quantized routed experts."""
+    overrides = FAST + [f"grpo.model={moe_checkpoint}", "grpo.problems=20", "grpo.prompts_per_step=2",
                         "grpo.group_size=4", "grpo.max_new_tokens=8", "grpo.micro_batch_size=4", "grpo.lr=1e-2",
                         "grpo.warmup_steps=0", "grpo.temperature=1.0", "grpo.eval_problems=0", "grpo.steps=2",
                         "grpo.minibatches=1", "lora.rank=4", "lora.quantize=int8"]

@@ -1,8 +1,15 @@
 """QLoRA (Dettmers et al., 2023): LoRA over a frozen base whose projections are stored in int8 or int4, applied
 from outside like the adapters themselves: `quantize_base(model, "int4", group_size)` replaces every linear
-layer of the decoder layers by a FrozenQuantizedLinear, one layer at a time (each full-precision weight is freed
-as its layer is swapped, so quantizing needs little more memory than the bf16 model itself: +160 MiB on the
-1.5B shape), and add_adapters then wraps those as it wraps nn.Linear.
+layer of the decoder layers by a FrozenQuantizedLinear and every stack of routed experts by a
+FrozenQuantizedExperts, one module at a time (each full-precision weight is freed as its module is swapped, so
+quantizing needs little more memory than the bf16 model itself: +160 MiB on the 1.5B shape), and add_adapters
+then wraps those as it wraps nn.Linear and RoutedExperts.
+
+Routed experts are quantized expert by expert (int8: a scale per output channel of each expert; int4: per group
+of inputs) and run through RoutedExperts' looped reference path, which reads a weight only through `project`:
+each expert that receives tokens is dequantized alone, in the forward and again in the backward, so no
+full-precision stack of a layer's experts exists during training. Their LoRA (LoraExperts) adds each expert's
+low-rank term to that expert's matmul instead of merging ΔW into the stacks as it does over a bf16 base.
 
 The formats are the inference ones (hemat.infer.quantize's quantizers: int8 with one scale per output channel,
 int4 with a scale and zero point per group of inputs), stored in layouts that dequantize in a few elementwise
