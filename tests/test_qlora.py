@@ -121,8 +121,8 @@ def test_frozen_quantized_experts_are_routed_experts_on_the_dequantized_weights(
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [QWEN2, {**TINY, **DENSE_MLA, "vocab_size": 96}, {**TINY, **MOE_MLA, "vocab_size": 96}],
-                         ids=["qwen2", "mla", "moe"])
+@pytest.mark.parametrize("shape", [QWEN2, {**TINY, **DENSE_MLA, "vocab_size": 96},
+                                   {**TINY, **MOE_MLA, "vocab_size": 96}], ids=["qwen2", "mla", "moe"])
 def test_quantize_base_is_the_model_with_dequantized_weights(fmt, shape):
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(**shape))
