@@ -188,10 +188,13 @@ def moe_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("base", ["dense_checkpoint", "moe_checkpoint"])
 def test_qlora_sft_learns_resumes_exactly_and_saves_a_peft_adapter(base, request, tmp_path):
     """Over the MoE base the routed experts are int4 too, and adapted (PEFT's target_parameters names); the run
-    uses gradient checkpointing and, for the MoE base, the aux-loss-free router bias updates."""
+    uses gradient checkpointing, and the MoE layers count their experts' loads (logged; a LoRA run leaves the
+    routers' correction biases, which belong to the frozen base, as they are)."""
     checkpoint = request.getfixturevalue(base)
     reference, stdout, resumed = killed_and_resumed(lambda run: qlora_cmd(checkpoint, run), tmp_path)
     assert "over an int4 base (group 32)" in stdout and "over an int4 base" in resumed
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert any("load_imbalance" in r for r in records) == (base == "moe_checkpoint")
 
     final = reference / "checkpoints" / f"step-{STEPS}"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
