@@ -1,5 +1,6 @@
-"""The CPU decode step compiled by torch.compile (compiled_decode.py): the same greedy tokens as the
-eager engine, compile time kept off the requests, and a clean fall back to eager where compiling fails."""
+"""The CPU decode step and MTP draft-and-verify round compiled by torch.compile (compiled_decode.py): the
+same greedy tokens as the eager engine, compile time kept off the requests, and a clean fall back to eager
+where compiling fails."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hemat.infer.engine import Engine
 from hemat.infer.quantize import prepare_for_inference
 from hemat.infer.sampling import SamplingParams
 from hemat.model.transformer import CausalLM
-from tests.test_engine import GREEDY, prompt, tiny_model
+from tests.test_engine import GREEDY, mostly_bigram, naive_greedy, prompt, tiny_model
 from tests.test_quantize import mla_config
 
 
@@ -49,3 +50,18 @@ def test_a_failed_compile_prints_one_line_and_decodes_eagerly(capsys):
     assert greedy_tokens(engine, prompts) == expected
     stats = engine.stats()
     assert stats["decode_compile_failed"] and stats["decode_compiled_steps"] == 0
+
+
+def test_compiled_mtp_rounds_give_plain_greedy_tokens():
+    """Greedy draft-and-verify rounds compiled per bucket: drafts accepted or not, the output is plain
+    greedy decoding's, and once the bucket is ready every round of a batch-1 request runs compiled."""
+    model = mostly_bigram(tiny_model("deepseek_v3", seed=1), scale=0.01)  # drafts often accepted
+    engine = Engine(model, max_batch_size=1, page_size=4, num_speculative_tokens=2, compile_decode=True)
+    engine.compiled_steps.wait()  # the batch-1 bucket, queued at start-up
+    prompts = [prompt(n, seed=n) for n in (3, 13)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=15, **GREEDY))
+    assert [o.outputs[0].token_ids for o in outs] == [naive_greedy(model, p, 15) for p in prompts]
+    stats = engine.stats()
+    assert stats["decode_compiled_buckets"] == 1 and not stats["decode_compile_failed"]
+    assert stats["decode_compiled_steps"] == stats["spec_rounds"]  # every round compiled
+    assert stats["spec_rounds"] < stats["spec_accepted"] < stats["spec_drafted"]  # some drafts accepted, some not
