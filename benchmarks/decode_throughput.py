@@ -98,7 +98,8 @@ def main() -> None:
                         "least disturbed by other load on a shared machine")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is steadier on a shared machine)")
-    parser.add_argument("--draft-tokens", default="1,2,3,auto", help="MTP draft counts to compare with plain decoding")
+    parser.add_argument("--draft-tokens", default="1,2,3,auto",
+                        help="MTP draft counts to compare with plain decoding ('': none)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the decode step and the MTP rounds compiled by torch.compile")
     parser.add_argument("--quick", action="store_true", help="a short run: 32 new tokens, 1 round")
@@ -126,7 +127,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    drafts = [d if d == "auto" else int(d) for d in args.draft_tokens.split(",")] if model.mtp_layers else []
+    drafts = [d if d == "auto" else int(d) for d in args.draft_tokens.split(",") if d] if model.mtp_layers else []
     hf_kv = None
     for batch in batches:
         prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_tokens), generator=gen)

@@ -7,7 +7,8 @@ advances the admitted prompts by one padded prefill forward of at most max_prefi
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
 the model carries MTP layers (num_speculative_tokens drafts, chained past the MTP depth, or "auto":
 speculative.py). Sequences leave the batch the step they finish; new ones join. On CUDA
-the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
+the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py); on CPU
+with compile_decode, it and greedy MTP rounds are compiled per bucket in the background (compiled_decode.py).
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
 accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token

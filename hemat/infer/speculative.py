@@ -203,9 +203,10 @@ class MTPDrafter:
         t = max(m - start for m, start in zip(ms, starts)) if t is None else t
         for s, start, m in zip(seqs, starts, ms):
             table, tokens = s.pages[:width], s.tokens(start + 1, m + 1)
-            rows.append([start, m, s.output[-1]] + table + [0] * (width - len(table)) + tokens + [0] * (t + d - len(tokens)))
+            rows.append([start, m, s.output[-1]] + table + [0] * (width - len(table)) + tokens
+                        + [0] * (t + d - len(tokens)))
         rows += [[0, d, 0] + [0] * (width + t + d)] * (batch - len(seqs))
-        hidden = torch.zeros(batch, t, self.model.config.hidden_size, dtype=seqs[0].hidden.dtype, device=self.model.device)
+        hidden = seqs[0].hidden.new_zeros(batch, t, self.model.config.hidden_size)
         for i, s in enumerate(seqs):
             hidden[i, : len(s.hidden)] = s.hidden
         return torch.tensor(rows, device=self.model.device), hidden
