@@ -178,7 +178,8 @@ class MTPDrafter:
             if compiled is not None:
                 inputs, hidden = self._round_inputs(seqs, ms, batch, width, self.max_tokens + self.depth)
                 best, accepted, hidden = compiled(inputs, hidden, n, width * self.cache.page_size)
-                return best, accepted.tolist(), hidden
+                rows = len(seqs)  # the padding rows' results are dropped
+                return best[:rows], accepted[:rows].tolist(), hidden[:rows]
         inputs, hidden = self._round_inputs(seqs, ms, len(seqs), -(-span // self.cache.page_size))
         best, accepted, hidden = self.greedy_round(inputs, hidden, n, span)
         return best, accepted.tolist(), hidden
