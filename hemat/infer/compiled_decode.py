@@ -9,13 +9,18 @@ engine keeps decoding eagerly: compile time never lands on a request. The compil
 all-padding rows (they write only the cache's scratch page, as a CUDA graph capture does) and a shallow
 copy of the cache object, so the step's bookkeeping on it cannot race with the engine's own step. Where
 compiling fails (no C++ compiler, an operator inductor cannot take), one line is printed and every step
-stays eager. The weights stay graph inputs (no freezing), so a step reads them as they are."""
+stays eager. The weights stay graph inputs (no freezing), so a step reads them as they are. A process
+that exits while a bucket compiles drops the queued ones and waits for that one (which, with the
+compiler's own exit hooks run, soon fails, silently): the interpreter shutting down under the compiler
+thread would abort the process."""
 
 from __future__ import annotations
 
+import atexit
 import copy
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -47,6 +52,18 @@ class Buckets:
         return len(self.batches) * len(self.spans)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every CompiledSteps, for the exit hook
+
+
+@atexit.register
+def _finish_compiles() -> None:
+    for steps in list(_LIVE):
+        with steps.lock:
+            steps.pending.clear()
+            steps.closing = True
+        steps.wait()
+
+
 class CompiledSteps:
     """`forward(*args, cache=...)` compiled per bucket key. get(key) → the compiled step or None while
     that bucket is not compiled (yet); example(key) → all-padding args of that bucket for its first run."""
@@ -62,11 +79,12 @@ class CompiledSteps:
         self.pending: list[tuple] = []
         self.lock = threading.Lock()  # guards pending and worker
         self.worker: threading.Thread | None = None
-        self.failed = False
+        self.failed = self.closing = False  # closing: the process exits
         # inductor's settings are per thread: the worker compiles with those of the thread that made the engine
         self.inductor_config = torch._inductor.config.get_config_copy()
         self.compile_seconds = 0.0
         self.compiled_steps = 0
+        _LIVE.add(self)
 
     def get(self, key: tuple) -> Callable | None:
         if key in self.ready:
@@ -108,6 +126,8 @@ class CompiledSteps:
                   torch._dynamo.config.patch(recompile_limit=self.recompile_limit)):
                 self.fn(*self.example(key), cache=copy.copy(self.cache))
         except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
+            if self.closing:
+                return
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             print(f"hemat: torch.compile of the decode step failed ({type(e).__name__}: {reason}); decoding eagerly")
             self.failed = True
