@@ -1,7 +1,10 @@
 """Fine-tuning memory and speed, hemat against transformers + peft on the same model, data and LoRA rank:
 peak resident memory (VmHWM of a fresh process per configuration: the imports, the model, its gradients,
 AdamW's state and the activations) and tokens/s of the fastest training step (sequence length 512, batch 4, AdamW),
-for full fine-tuning (fp32) and LoRA (a bf16 base, fp32 adapters: what peft's autocast_adapter_dtype keeps).
+for full fine-tuning (fp32), LoRA (a bf16 base, fp32 adapters: what peft's autocast_adapter_dtype keeps) and
+QLoRA (hemat: an int4 base, group 64; peft: a bitsandbytes NF4 base, blocks of 64, loaded by transformers'
+from_pretrained from a checkpoint this script writes first; qwen2 shapes only, since bitsandbytes quantizes
+linear layers, not the stacked experts of transformers' DeepseekV3).
 
 Shapes (random weights): `deepseek-tiny` is the cpu-tiny preset's DeepSeek-V3 (MLA + MoE; no MTP, which
 transformers does not run), LoRA on the MLA projections and the routed experts (peft's target_parameters);
@@ -9,14 +12,17 @@ transformers does not run), LoRA on the MLA projections and the routed experts (
 layers, LoRA on every linear layer; `qwen2-1.5b` is DeepSeek-R1-Distill-Qwen-1.5B's full shape (LoRA only on
 a small machine: full fine-tuning needs ~16 bytes per parameter).
 
-    PYTHONPATH=. python benchmarks/finetune_memory.py [--shapes deepseek-tiny qwen2-small] [--steps 2]"""
+    PYTHONPATH=. python benchmarks/finetune_memory.py [--shapes deepseek-tiny qwen2-small] [--modes full lora qlora]
+        [--steps 2]"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 16, 32, 1e-4
@@ -45,15 +51,17 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def build_hemat(kind: str, shape: dict, lora: bool):
+def build_hemat(kind: str, shape: dict, mode: str):
     import torch
 
     from hemat.model.config import ModelConfig
     from hemat.model.lora import LoraConfig, add_adapters
+    from hemat.model.qlora import quantize_base
     from hemat.model.transformer import CausalLM
     from hemat.train.loop import lm_loss
 
     extra = {"num_nextn_predict_layers": 0} if kind == "deepseek_v3" else {}
+    lora = mode != "full"
     with torch.device("meta"):  # built in its final dtype, as from_pretrained builds it: a bf16 base never
         model = CausalLM(ModelConfig(model_type=kind, **shape, **extra))  # exists in fp32
         if lora:
@@ -62,6 +70,8 @@ def build_hemat(kind: str, shape: dict, lora: bool):
                 moe.gate.float()
     model.to_empty(device="cpu")
     model.init_weights()
+    if mode == "qlora":
+        quantize_base(model, "int4", 64)
     if lora:
         targets = MLA_TARGETS + ["experts"] if kind == "deepseek_v3" else DENSE_TARGETS
         add_adapters(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(targets)))
@@ -69,16 +79,23 @@ def build_hemat(kind: str, shape: dict, lora: bool):
     return model, lambda inputs, targets: lm_loss(model, (inputs, targets))[0]
 
 
-def build_peft(kind: str, shape: dict, lora: bool):
+def build_peft(kind: str, shape: dict, mode: str):
     import peft
     import torch
     import transformers
 
     config_class = {"deepseek_v3": transformers.DeepseekV3Config, "qwen2": transformers.Qwen2Config}[kind]
     model_class = {"deepseek_v3": transformers.DeepseekV3ForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[kind]
-    config = config_class(**shape)
-    config._attn_implementation = "sdpa"
-    model = model_class._from_config(config, dtype=torch.bfloat16 if lora else torch.float32)
+    lora = mode != "full"
+    if mode == "qlora":
+        nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.bfloat16)
+        model = model_class.from_pretrained(os.environ["CHECKPOINT"], quantization_config=nf4, dtype=torch.bfloat16,
+                                            attn_implementation="sdpa")
+    else:
+        config = config_class(**shape)
+        config._attn_implementation = "sdpa"
+        model = model_class._from_config(config, dtype=torch.bfloat16 if lora else torch.float32)
     if lora:
         extra = ({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
                  if kind == "deepseek_v3" else {})
@@ -96,11 +113,11 @@ def build_peft(kind: str, shape: dict, lora: bool):
 def measure(impl: str, shape_name: str, mode: str, steps: int) -> dict:
     import torch
 
-    torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     kind, shape = SHAPES[shape_name]
     baseline = _status_kib("VmRSS")
     torch.manual_seed(0)
-    model, loss_fn = (build_hemat if impl == "hemat" else build_peft)(kind, shape, mode == "lora")
+    model, loss_fn = (build_hemat if impl == "hemat" else build_peft)(kind, shape, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True)
     gen = torch.Generator().manual_seed(1)
@@ -120,9 +137,20 @@ def measure(impl: str, shape_name: str, mode: str, steps: int) -> dict:
             "baseline_rss": baseline * 1024, "first_loss": losses[0]}
 
 
-def run_one(impl: str, shape: str, mode: str, steps: int) -> dict | None:
+def write_checkpoint(shape_name: str, path: str) -> None:
+    """A random bf16 checkpoint of the shape, for transformers' from_pretrained to quantize while loading."""
+    import torch
+    import transformers
+
+    _, shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM._from_config(transformers.Qwen2Config(**shape), dtype=torch.bfloat16)
+    model.save_pretrained(path)
+
+
+def run_one(impl: str, shape: str, mode: str, steps: int, checkpoint: str = "") -> dict | None:
     done = subprocess.run([sys.executable, __file__, "--measure", impl, shape, mode, str(steps)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "CHECKPOINT": checkpoint})
     if done.returncode != 0:
         print(f"  {impl} {mode} on {shape} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
@@ -132,7 +160,7 @@ def run_one(impl: str, shape: str, mode: str, steps: int) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["deepseek-tiny", "qwen2-small"], choices=list(SHAPES))
-    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument("--modes", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (the fastest counts: "
                                                                  "the least disturbed by other work on the machine)")
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
@@ -142,13 +170,19 @@ def main() -> None:
         print(json.dumps(measure(impl, shape, mode, int(steps))))
         return
     print(f"seq {SEQ}, batch {BATCH}, AdamW, LoRA rank {RANK} (alpha {ALPHA}); full fine-tuning in fp32, LoRA "
-          "over a bf16 base with fp32 adapters; one process per row", flush=True)
+          "over a bf16 base with fp32 adapters, QLoRA over int4 (hemat) / NF4 (peft + bitsandbytes); one process "
+          "per row", flush=True)
     print("| shape | mode | trainable | hemat peak RSS | peft peak RSS | ratio | hemat tok/s | peft tok/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for shape in args.shapes:
         for mode in args.modes:
-            ours = run_one("hemat", shape, mode, args.steps)
-            theirs = run_one("peft", shape, mode, args.steps)
+            if mode == "qlora" and SHAPES[shape][0] != "qwen2":
+                continue
+            with tempfile.TemporaryDirectory() as checkpoint:
+                if mode == "qlora":
+                    write_checkpoint(shape, checkpoint)
+                ours = run_one("hemat", shape, mode, args.steps)
+                theirs = run_one("peft", shape, mode, args.steps, checkpoint)
             if ours is None or theirs is None:
                 continue
             gib = 2**30
