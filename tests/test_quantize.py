@@ -18,7 +18,7 @@ from hemat.infer.quantize import (
     QuantizationError,
     prepare_for_inference,
     quantize_int4,
-    unpack_int4,
+    unpack_int4_t,
 )
 from hemat.infer.sampling import SamplingParams
 from hemat.model.config import ModelConfig
@@ -70,7 +70,7 @@ def test_int4_unpack_reads_the_packed_layout_back():
     for out_features in (16, 48, 64, 112, 192):  # whole 64-row blocks, a remainder block, both
         q = torch.randint(0, 16, (out_features, 64), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        assert torch.equal(unpack_int4(packed, out_features, 64).int(), q)
+        assert torch.equal(unpack_int4_t(packed, out_features, 64).t().int(), q)
 
 
 def test_int4_quantizer_is_min_max_per_group_with_exact_zero():
@@ -176,7 +176,7 @@ def test_bad_formats_and_group_sizes_are_named():
     with pytest.raises(QuantizationError, match="group size must be one of"):
         prepare_for_inference(model, "int4", group_size=48)
     with pytest.raises(QuantizationError, match=r"group size 128 does not divide the input dimension 64 of "
-                                                r"model.layers.0.self_attn.q_proj"):
+                                                r"lm_head"):  # the tied head, made first from the embedding
         prepare_for_inference(model, "int4", group_size=128)
     int8 = prepare_for_inference(model, "int8")
     assert prepare_for_inference(int8, "int8") is int8

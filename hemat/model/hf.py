@@ -148,15 +148,22 @@ def stored_quantization(source: str | Path) -> tuple[str, int] | None:
     return pack_quantized.read_quantization(quantization, f"{config}: quantization_config")
 
 
-def _units(model: CausalLM) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of the parts a model is loaded by, the embedding first: every tensor is in one."""
-    units = [(f"model.{name}", m) for name, m in model.model.named_children() if name != "layers"]
-    units[1:1] = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
-    return units + ([("lm_head", model.lm_head)] if model.lm_head is not None else [])
+def units(model: CausalLM):
+    """Yields (name, module) of the parts a model is loaded (and prepared for inference) by, the embedding
+    first: every tensor is in one of them. A generator holding no part it has yielded, so that a part
+    replaced while it runs is freed."""
+    for name in list(model.model._modules):
+        if name == "layers":
+            yield from ((f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers))
+        else:
+            yield f"model.{name}", getattr(model.model, name)
+    if model.lm_head is not None:
+        yield "lm_head", model.lm_head
 
 
 def _prepare_units(model: CausalLM, prepare) -> CausalLM:
-    for name, unit in _units(model) if prepare else ():
+    """A model loaded whole, with each unit replaced by prepare(name, unit) if given."""
+    for name, unit in units(model) if prepare else ():
         model.set_submodule(name, prepare(name, unit))
     return model
 
@@ -297,41 +304,42 @@ def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tu
     by_unit: dict[str, list[str]] = {}
     for key in sorted(present):
         by_unit.setdefault(_unit_of(key), []).append(key)
-    for name, unit in _units(model):
-        unit.to_empty(device=device)
+    for name, unit in units(model):
+        unit.to_empty(device=device)  # memory not touched until written: most of it is replaced below
         state = unit.state_dict(prefix=f"{name}.")
+        read = {}
         with torch.no_grad():
             for key in by_unit.get(name, ()):
                 tensor = keys[key].get_tensor(key)
-                if key in scales:  # exact in fp32; copy_ rounds once to the model's dtype
+                if key in scales:  # exact in fp32; the cast below rounds once to the model's dtype
                     tensor = fp8.dequantize_blocks(tensor, scales[key].get_tensor(key + SCALE_SUFFIX), block)
                 if tuple(tensor.shape) != expected[key]:
                     raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config "
                                           f"expects {expected[key]}")
-                _copy_into(state, key, tensor)
+                if _EXPERT_KEY.match(key):
+                    _copy_expert(state, key, tensor)
+                else:  # the tensor read becomes the parameter: no second copy (none at all in the model's dtype)
+                    read[key.removeprefix(f"{name}.")] = tensor.to(state[key].device, state[key].dtype)
+            unit.load_state_dict(read, strict=False, assign=True)
             if prepare is not None:
                 model.set_submodule(name, prepare(name, unit))
 
 
 def _unit_of(key: str) -> str:
-    """The name of the _units entry holding checkpoint tensor `key`."""
+    """The name of the units() entry holding checkpoint tensor `key`."""
     parts = key.split(".")
     return ".".join(parts[:3] if key.startswith("model.layers.") else parts[:-1])
 
 
-def _copy_into(state: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
-    """Copy a checkpoint tensor into the model's, the per-expert ones into their stacked tensors."""
-    m = _EXPERT_KEY.match(key)
-    if not m:
-        state[key].copy_(tensor)
-        return
-    prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
+def _copy_expert(state: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
+    """Copy one expert's projection from the checkpoint into the model's stacked tensors."""
+    prefix, j, proj = _EXPERT_KEY.match(key).groups()
     if proj == "down_proj":
-        state[f"{prefix}.down_proj"][j].copy_(tensor)
+        state[f"{prefix}.down_proj"][int(j)].copy_(tensor)
     else:
         half = tensor.shape[0]
         rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
-        state[f"{prefix}.gate_up_proj"][j, rows].copy_(tensor)
+        state[f"{prefix}.gate_up_proj"][int(j), rows].copy_(tensor)
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
