@@ -40,10 +40,8 @@ from hemat.model.rope import apply_rope
 FORMATS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel takes
 INT8_ALIGN = 16  # the int8 kernel's row length must be a multiple of this (see Int8Linear)
-# the packed kernels are fast for a few rows and slow for many (they are meant for decode): from DENSE_ROWS
-# rows on (prefill, eval, batched decode) the weight is dequantized once per call and multiplied densely
-# in bf16, measured faster on this CPU (benchmarks/local_decode.py --prompt-tokens 512, kernel_rows.py)
-DENSE_ROWS = 16
+KERNEL_ROWS = 16  # the packed kernels are fast for a few rows and slow for many: longer inputs run in chunks
+DENSE_TILE = 1 << 18  # elements of the weight dequantized at a time by the dense path (see PackedLinear.dense)
 QUANTIZE_CHUNK = 1 << 20  # weights are quantized this many elements at a time: small temporaries
 COPY_BUDGET_BYTES = 1 << 30  # transposed fp copies of one model, at most
 COMPUTE_DTYPE = torch.bfloat16  # the packed kernels' activation dtype (their fp32 paths are ~10x slower)
@@ -98,8 +96,10 @@ class DenseLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """Shared by the packed forms: bf16 activations through `kernel` below DENSE_ROWS rows, else through
-    the dequantized weight (`dense`)."""
+    """Shared by the packed forms: bf16 activations through `kernel`, KERNEL_ROWS rows per call, or from
+    `dense_rows` rows on (prefill, eval, batched decode) through the weight dequantized tile by tile and a
+    dense bf16 matmul: each form's `dense_rows` is where that was measured faster on a 2-core Xeon with AMX
+    (benchmarks/quantized_rows.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -108,12 +108,28 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        y = self.dense(rows) if rows.shape[0] >= DENSE_ROWS else self.kernel(rows.contiguous())
+        y = self.dense(rows) if rows.shape[0] >= self.dense_rows else self.packed(rows.contiguous())
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def packed(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= KERNEL_ROWS:
+            return self.kernel(rows)
+        return torch.cat([self.kernel(chunk) for chunk in rows.split(KERNEL_ROWS)])
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows times the dequantized weight, a tile of DENSE_TILE elements at a time (whole rows, a multiple
+        of 64 of them: int4's blocks): a small tile is reused from the heap and stays in cache, where a fresh
+        dequantized copy of a whole large weight costs more in page faults than the matmul itself."""
+        step = max(1, DENSE_TILE // self.in_features // 64) * 64
+        tiles = [self.dense_tile(rows, start, min(start + step, self.out_features))
+                 for start in range(0, self.out_features, step)]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
 
 class Int8Linear(PackedLinear):
+    dense_rows = 16
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias)
         q, scale = (torch.cat(parts) for parts in zip(*map(quantize_int8, row_chunks(weight))))
@@ -128,15 +144,17 @@ class Int8Linear(PackedLinear):
             rows = F.pad(rows, (0, self.pad))
         return torch._weight_int8pack_mm(rows, self.weight, self.scale)
 
-    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+    def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """The int8 values are exact in bf16; the scales apply to the output columns."""
-        return F.linear(rows, self.weight[:, :self.in_features].to(rows.dtype)) * self.scale
+        return F.linear(rows, self.weight[start:stop, :self.in_features].to(rows.dtype)) * self.scale[start:stop]
 
     def dequantized(self) -> torch.Tensor:
         return self.weight[:, :self.in_features].float() * self.scale.float()[:, None]
 
 
 class Int4Linear(PackedLinear):
+    dense_rows = 128
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
         super().__init__(weight, bias)
         self.group_size = group_size
@@ -156,16 +174,18 @@ class Int4Linear(PackedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_packed, self.group_size,
                                                           self.scales_and_zeros)
 
-    def dense(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows @ self.dequantized_t(rows.dtype)
+    def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return rows @ self.dequantized_t(rows.dtype, start, stop)
 
-    def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight transposed, [in, out], in `dtype`: q · scale + (zero - 8 · scale) per group."""
-        q = unpack_int4_t(self.weight_packed, self.out_features, self.in_features).to(dtype)
-        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [in/g, out] each
+    def dequantized_t(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output rows start:stop of the weight (start a multiple of 64), transposed to [in, rows], in
+        `dtype`: q · scale + (zero - 8 · scale) per group."""
+        stop = self.out_features if stop is None else stop
+        q = unpack_int4_t(self.weight_packed[start:stop], stop - start, self.in_features).to(dtype)
+        scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [in/g, rows] each
         offset = (zero - 8 * scale).to(dtype)
         w = torch.addcmul(offset[:, None], q.view(len(scale), self.group_size, -1), scale.to(dtype)[:, None])
-        return w.view(self.in_features, self.out_features)
+        return w.view(self.in_features, stop - start)
 
     def dequantized(self) -> torch.Tensor:
         return self.dequantized_t(torch.float32).t()
