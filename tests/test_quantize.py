@@ -5,7 +5,9 @@ MLA), whole models against the fp32 reference, the engine over prepared models, 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from hemat.infer import quantize
 from hemat.infer.cache import PagedCache
 from hemat.infer.engine import Engine
 from hemat.infer.quantize import (
@@ -14,14 +16,17 @@ from hemat.infer.quantize import (
     FusedMLP,
     InferenceExperts,
     Int4Linear,
+    Int8Embedding,
     Int8Linear,
     QuantizationError,
+    load_for_inference,
     prepare_for_inference,
     quantize_int4,
     unpack_int4_t,
 )
 from hemat.infer.sampling import SamplingParams
 from hemat.model.config import ModelConfig
+from hemat.model.hf import from_pretrained
 from hemat.model.transformer import CausalLM
 
 
@@ -64,6 +69,52 @@ def test_packed_linears_match_their_dequantized_weights(rows):
         # and the dequantized weight is the weight to quantization accuracy
         step = 1 / 127 if isinstance(module, Int8Linear) else 1 / 15
         assert (module.dequantized() - weight).abs().max() <= step * weight.abs().max()
+
+
+def test_dense_path_matches_the_packed_kernels_tile_by_tile(monkeypatch):
+    """From dense_rows rows on, the weight is dequantized a tile at a time (tiles made small here: several,
+    the last holding int4's partial block of 16 outputs) and multiplied densely: the kernels' numbers."""
+    monkeypatch.setattr(quantize, "DENSE_TILE", 64 * 128)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(208, 128) * 0.05, torch.randn(208)
+    x = torch.randn(130, 128)
+    for module in (Int8Linear(weight, bias), Int4Linear(weight, bias, 32)):
+        assert x.shape[0] >= module.dense_rows
+        got, expected = module(x), kernel_reference(module, x)
+        packed = module.packed(x.bfloat16()).float() + bias
+        assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+        assert (got - packed).abs().max() <= 1e-2 * expected.abs().max()
+    assert torch.equal(module.dequantized_t(torch.float32, 192, 208), module.dequantized()[192:].t())
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_models_store_the_embedding_as_int8_rows(weights):
+    model = model_of(llama_config())
+    prepared = prepare_for_inference(model, weights, group_size=32)
+    embedding, reference = prepared.model.embed_tokens, model.model.embed_tokens.weight
+    assert isinstance(embedding, Int8Embedding) and isinstance(model.model.embed_tokens, nn.Embedding)
+    ids = torch.tensor([[0, 5, 95], [3, 3, 7]])
+    assert embedding(ids).dtype == reference.dtype
+    assert torch.equal(embedding(ids), embedding.dequantized()[ids])
+    step = reference.abs().amax(dim=1, keepdim=True) / 127  # half a step of rounding, the scale's in bf16
+    assert ((embedding.dequantized() - reference).abs() <= step).all()
+    # a tied int8 head holds the same int8 rows: one copy of them
+    head_values = prepared.lm_head.weight if weights == "int8" else prepared.lm_head.weight_packed
+    assert (embedding.weight.data_ptr() == head_values.data_ptr()) == (weights == "int8")
+
+
+@pytest.mark.parametrize("weights,config", [("int8", llama_config()), ("int4", llama_config()),
+                                            ("int4", mla_config())])
+def test_quantizing_while_loading_gives_the_logits_of_quantizing_after(tmp_path, weights, config):
+    model_of(config).save_pretrained(tmp_path)
+    loaded = load_for_inference(tmp_path, weights, group_size=32)
+    after = prepare_for_inference(from_pretrained(tmp_path), weights, group_size=32)
+    # no full-precision projection or embedding is left
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in loaded.modules())
+    assert (loaded.weight_format, loaded.weight_bytes) == (after.weight_format, after.weight_bytes)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), after(ids))
 
 
 def test_int4_unpack_reads_the_packed_layout_back():

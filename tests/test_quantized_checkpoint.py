@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import hemat
 from hemat.cli import main
 from hemat.errors import HematError
-from hemat.infer.quantize import Int4Linear, Int8Linear, prepare_loaded
+from hemat.infer.quantize import Int4Linear, Int8Linear, load_for_inference, prepare_loaded
 from hemat.model.config import ModelConfig
 from hemat.model.pack_quantized import pack_int32, unpack_int32
 from hemat.model.transformer import CausalLM
@@ -74,6 +74,8 @@ def test_quantize_writes_pack_quantized_that_hemat_reads_back_exactly(tmp_path, 
         expected = direct(ids)
         tolerance = 0.05 if fmt == "int8" else 0.3  # int4 of random weights, rounded twice in MLA
         assert (from_disk(ids) - expected).abs().max() <= tolerance * expected.abs().max()
+        # quantized again while loading, in the stored format by default: the same model
+        assert torch.equal(load_for_inference(tmp_path / "q")(ids), from_disk(ids))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -11,7 +11,11 @@ The forms, by weight format:
 - "int8": weight-only, symmetric, one scale per output channel (PyTorch's `_weight_int8pack_mm`).
 - "int4": weight-only, asymmetric, one scale and zero point per group of `group_size` inputs
   (PyTorch's `_weight_int4pack_mm_for_cpu`, the tinygemm layout: w = (q - 8) · scale + zero).
-Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32.
+Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32. They are
+fast for a few rows (decode); from a measured row count on (prefill, eval, batched decode), the weight is
+dequantized a tile at a time for a dense bf16 matmul instead. The embedding of an int8/int4 model is
+stored as int8 rows (Int8Embedding). `load_for_inference` quantizes a checkpoint while it loads, unit by
+unit, so that the full-precision model never exists whole.
 
 Every layout also gets the structural inference forms: the SwiGLU gate and up projections as one
 matrix (FusedMLP), routed experts as one FusedMLP per expert, and MLA with W_UK folded into the query
@@ -377,7 +381,8 @@ class _Builder:
         if self.weights is None:
             return module
         if isinstance(self.tied_head, Int8Linear):
-            return Int8Embedding(self.tied_head.weight, self.tied_head.scale, module.embedding_dim, module.weight.dtype)
+            head = self.tied_head
+            return Int8Embedding(head.weight, head.scale, module.embedding_dim, module.weight.dtype)
         return Int8Embedding.quantize(module.weight)
 
     def finish(self, model):
