@@ -132,7 +132,7 @@ class PackedLinear(nn.Module):
 
 
 class Int8Linear(PackedLinear):
-    dense_rows = 16
+    dense_rows = 24
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias)
@@ -157,7 +157,7 @@ class Int8Linear(PackedLinear):
 
 
 class Int4Linear(PackedLinear):
-    dense_rows = 128
+    dense_rows = 80
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
         super().__init__(weight, bias)
@@ -492,22 +492,27 @@ def load_for_inference(source, quantize: str | None = None, group_size: int = 12
     int8/int4 format it was stored in, else in its dtype. A checkpoint directory is quantized while it
     loads, unit by unit, so that its full-precision form never exists whole; a LoRA adapter to merge
     (`lora`, a directory), a .gguf file or the dtype's forms load the model whole first."""
-    from hemat.model.adapter_io import load_adapter
-
     path = Path(source) if str(source).lower().endswith(".gguf") else resolve_model_source(source)
     stored = stored_quantization(path)
     if quantize is None and stored is not None:
         quantize, group_size = stored[0], stored[1] or group_size
     _check_format(quantize, group_size)
     if quantize is None or lora is not None or not (path / "config.json").is_file():
-        model = from_pretrained(path, device=device, dtype=dtype)
-        if lora is not None:  # prepare_for_inference folds it into the weights: no cost per token
-            load_adapter(model, lora)
-        return prepare_for_inference(model, quantize, group_size)
-    _check_device(quantize, torch.device(device or "cpu"))
-    builder = _Builder(quantize, group_size, read_checkpoint_config(path).tie_word_embeddings)
-    model = builder.finish(from_pretrained(path, device=device, dtype=dtype, prepare=builder.unit))
-    _release_freed_heap()
+        prepared = prepare_for_inference(_load_whole(path, device, dtype, lora), quantize, group_size)
+    else:
+        _check_device(quantize, torch.device(device or "cpu"))
+        builder = _Builder(quantize, group_size, read_checkpoint_config(path).tie_word_embeddings)
+        prepared = builder.finish(from_pretrained(path, device=device, dtype=dtype, prepare=builder.unit))
+    _release_freed_heap()  # the full-precision tensors replaced are free by now
+    return prepared
+
+
+def _load_whole(path: Path, device, dtype, lora):
+    from hemat.model.adapter_io import load_adapter
+
+    model = from_pretrained(path, device=device, dtype=dtype)
+    if lora is not None:  # prepare_for_inference folds it into the weights: no cost per token
+        load_adapter(model, lora)
     return model
 
 

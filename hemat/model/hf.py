@@ -213,26 +213,6 @@ def _fp8_scales(keys: dict, block: tuple[int, int] | None, file_of: dict[str, Pa
     return scales
 
 
-class _TensorFile:
-    """A safetensors file whose header stays open (keys, get_slice) while each tensor is read through a
-    handle of its own (get_tensor), closed once read: the file is memory-mapped, and pages read through
-    a handle that stays open would count as resident until the end of loading."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.header = safe_open(self.path, framework="pt")
-
-    def keys(self):
-        return self.header.keys()
-
-    def get_slice(self, key: str):
-        return self.header.get_slice(key)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        with safe_open(self.path, framework="pt") as handle:
-            return handle.get_tensor(key)
-
-
 class _open_all:
     def __init__(self, files: list[Path]):
         self.files = files
@@ -241,7 +221,9 @@ class _open_all:
         self.handles = []
         for f in self.files:
             try:
-                self.handles.append(_TensorFile(f))
+                # pread, not mmap: tensors read are plain memory, and the file's pages are not mapped into
+                # this process (counted as resident until the handle closes)
+                self.handles.append(safe_open(str(f), framework="pt", backend="pread"))
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
         return self.handles
