@@ -1,7 +1,7 @@
 """Inference forms of a built model, applied from outside as module swaps (the way torchao's `quantize_`
 and PEFT's adapters are applied): `prepare_for_inference(model, weights)` returns a model whose
 projections are replaced by their inference forms, leaving the reference model untouched (it shares
-the modules no form replaces: embeddings, norms, routers). A swap is a pure function of the weights at
+the modules no form replaces: norms, routers, an fp embedding). A swap is a pure function of the weights at
 the time it is applied, so training never sees these forms and nothing has to be invalidated.
 
 The forms, by weight format:
@@ -75,10 +75,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.view(out_features, in_features).to(torch.uint8), scale, zero_point.to(torch.uint8)
 
 
-def row_chunks(weight: torch.Tensor, multiple: int = 64) -> tuple[torch.Tensor, ...]:
-    """weight [out, in] split into blocks of rows (a multiple of `multiple`) of about QUANTIZE_CHUNK elements."""
-    rows = max(1, QUANTIZE_CHUNK // weight.shape[1] // multiple) * multiple
-    return weight.detach().split(rows)
+def row_chunks(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """weight [out, in] split into blocks of about QUANTIZE_CHUNK elements, whole rows, a multiple of 64 of
+    them (int4's packed blocks)."""
+    return weight.detach().split(max(1, QUANTIZE_CHUNK // weight.shape[1] // 64) * 64)
 
 
 # ---- linear forms: each has in_features, out_features, forward and dequantized() -----------------------
