@@ -16,8 +16,8 @@ from hemat.infer.quantize import (
     FusedMLP,
     InferenceExperts,
     Int4Linear,
-    Int8Embedding,
     Int8Linear,
+    PackedEmbedding,
     QuantizationError,
     load_for_inference,
     prepare_for_inference,
@@ -87,20 +87,21 @@ def test_dense_path_matches_the_packed_kernels_tile_by_tile(monkeypatch):
     assert torch.equal(module.dequantized_t(torch.float32, 192, 208), module.dequantized()[192:].t())
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_models_store_the_embedding_as_int8_rows(weights):
-    model = model_of(llama_config())
+@pytest.mark.parametrize("weights,tied", [("int8", True), ("int4", True), ("int4", False)])
+def test_quantized_models_read_the_embedding_from_packed_rows(weights, tied):
+    model = model_of(llama_config(vocab_size=128, tie_word_embeddings=tied))  # 128: whole int4 blocks of 64
     prepared = prepare_for_inference(model, weights, group_size=32)
     embedding, reference = prepared.model.embed_tokens, model.model.embed_tokens.weight
-    assert isinstance(embedding, Int8Embedding) and isinstance(model.model.embed_tokens, nn.Embedding)
-    ids = torch.tensor([[0, 5, 95], [3, 3, 7]])
-    assert embedding(ids).dtype == reference.dtype
-    assert torch.equal(embedding(ids), embedding.dequantized()[ids])
-    step = reference.abs().amax(dim=1, keepdim=True) / 127  # half a step of rounding, the scale's in bf16
-    assert ((embedding.dequantized() - reference).abs() <= step).all()
-    # a tied int8 head holds the same int8 rows: one copy of them
-    head_values = prepared.lm_head.weight if weights == "int8" else prepared.lm_head.weight_packed
-    assert (embedding.weight.data_ptr() == head_values.data_ptr()) == (weights == "int8")
+    assert isinstance(embedding, PackedEmbedding) and isinstance(model.model.embed_tokens, nn.Embedding)
+    # a tied head's values serve both (one copy); an untied model's embedding gets int8 rows of its own
+    assert (embedding.linear is prepared.lm_head) == tied
+    assert isinstance(embedding.linear, Int4Linear if weights == "int4" and tied else Int8Linear)
+    ids = torch.tensor([[0, 5, 95], [3, 127, 64]])
+    got = embedding(ids)
+    assert got.dtype == reference.dtype and got.shape == (2, 3, 64)
+    assert torch.allclose(got, embedding.dequantized()[ids], rtol=0, atol=1e-6)
+    levels = 15 if isinstance(embedding.linear, Int4Linear) else 127  # a step: the row's range over its levels
+    assert ((got - reference[ids]).abs() <= 2 * reference[ids].abs().amax(-1, keepdim=True) / levels).all()
 
 
 @pytest.mark.parametrize("weights,config", [("int8", llama_config()), ("int4", llama_config()),

@@ -13,9 +13,9 @@ The forms, by weight format:
   (PyTorch's `_weight_int4pack_mm_for_cpu`, the tinygemm layout: w = (q - 8) · scale + zero).
 Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32. They are
 fast for a few rows (decode); from a measured row count on (prefill, eval, batched decode), the weight is
-dequantized a tile at a time for a dense bf16 matmul instead. The embedding of an int8/int4 model is
-stored as int8 rows (Int8Embedding). `load_for_inference` quantizes a checkpoint while it loads, unit by
-unit, so that the full-precision model never exists whole.
+dequantized a tile at a time for a dense bf16 matmul instead. An int8/int4 model's embedding is read from
+packed rows (PackedEmbedding: a tied head's, else int8 rows of its own). `load_for_inference` quantizes a
+checkpoint while it loads, unit by unit, so that the full-precision model never exists whole.
 
 Every layout also gets the structural inference forms: the SwiGLU gate and up projections as one
 matrix (FusedMLP), routed experts as one FusedMLP per expert, and MLA with W_UK folded into the query
@@ -155,6 +155,10 @@ class Int8Linear(PackedLinear):
     def dequantized(self) -> torch.Tensor:
         return self.weight[:, :self.in_features].float() * self.scale.float()[:, None]
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [n] of the dequantized weight → [n, in] in dtype."""
+        return (self.weight[ids, :self.in_features].float() * self.scale[ids, None].float()).to(dtype)
+
 
 class Int4Linear(PackedLinear):
     dense_rows = 80
@@ -194,6 +198,15 @@ class Int4Linear(PackedLinear):
     def dequantized(self) -> torch.Tensor:
         return self.dequantized_t(torch.float32).t()
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [n] of the dequantized weight → [n, in] in dtype, out a multiple of 64 (whole packed
+        blocks, see unpack_int4_t): row o is in block o // 64, byte column o % 32, high nibble if o % 64 >= 32."""
+        packed = self.weight_packed.view(-1, self.in_features, 32)[ids // 64, :, ids % 32]  # [n, in]
+        q = (packed >> (ids // 32 % 2 * 4)[:, None]) & 15
+        scale, zero = self.scales_and_zeros[:, ids].float().unbind(-1)  # [in/g, n] each
+        w = (q.float().view(len(ids), -1, self.group_size) - 8) * scale.t()[..., None] + zero.t()[..., None]
+        return w.view(len(ids), self.in_features).to(dtype)
+
 
 def unpack_int4_t(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The 0..15 values of `_convert_weight_to_int4pack_for_cpu`'s layout, transposed: [in, out]. Rows
@@ -211,27 +224,20 @@ def unpack_int4_t(packed: torch.Tensor, out_features: int, in_features: int) -> 
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-class Int8Embedding(nn.Module):
-    """An embedding as int8 rows with one scale each (w ≈ q · scale), dequantized to `dtype` on lookup: a
-    lookup gathers a few rows, so this costs nothing next to the projections. `weight` may have padding
-    columns (a tied int8 head's, whose values it shares)."""
+class PackedEmbedding(nn.Module):
+    """An embedding read from the rows of a packed linear, dequantized on lookup to `dtype`: a tied head's
+    (one copy of the values for both), or an Int8Linear made of the embedding's weight. A lookup gathers
+    a few rows, so this costs nothing next to the projections."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, embedding_dim: int, dtype: torch.dtype):
+    def __init__(self, linear: PackedLinear, dtype: torch.dtype):
         super().__init__()
-        self.embedding_dim, self.dtype = embedding_dim, dtype
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Int8Embedding":
-        q, scale = (torch.cat(parts) for parts in zip(*map(quantize_int8, row_chunks(weight))))
-        return cls(q, scale, weight.shape[1], weight.dtype)
+        self.linear, self.dtype, self.embedding_dim = linear, dtype, linear.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids, :self.embedding_dim].to(self.dtype) * self.scale[ids, None].to(self.dtype)
+        return self.linear.rows(ids.flatten(), self.dtype).view(*ids.shape, self.embedding_dim)
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight[:, :self.embedding_dim].float() * self.scale.float()[:, None]
+        return self.linear.dequantized()
 
 
 # ---- structural forms ----------------------------------------------------------------------------------
@@ -369,8 +375,8 @@ class _Builder:
 
     def unit(self, name: str, module: nn.Module) -> nn.Module:
         """The inference form of one unit, which may be changed in place (a copy's, or one being loaded). A
-        tied head gets its own form, made from the embedding; int8/int4 embeddings are stored as int8 rows
-        (sharing a tied int8 head's values)."""
+        tied head gets its own form, made from the embedding; an int8/int4 model's embedding reads the rows
+        of its tied head, or else (or when int4 blocks do not tile the vocabulary) of int8 rows of its own."""
         if name != "model.embed_tokens":
             form = self.form(name, module)
             if form is None:
@@ -380,10 +386,10 @@ class _Builder:
             self.tied_head = self.linear("lm_head", module.weight)
         if self.weights is None:
             return module
-        if isinstance(self.tied_head, Int8Linear):
-            head = self.tied_head
-            return Int8Embedding(head.weight, head.scale, module.embedding_dim, module.weight.dtype)
-        return Int8Embedding.quantize(module.weight)
+        head = self.tied_head
+        if not (isinstance(head, Int8Linear) or isinstance(head, Int4Linear) and head.out_features % 64 == 0):
+            head = Int8Linear(module.weight, None)
+        return PackedEmbedding(head, module.weight.dtype)
 
     def finish(self, model):
         """The prepared model, with its tied head, `weight_format` and `weight_bytes`."""
