@@ -4,8 +4,9 @@ Builds a random model from a preset (default cpu-tiny), saves it, loads it in bo
 contenders in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on all
 sides, prefill included in the time): transformers, hemat's plain decoding and, when the checkpoint
 carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto", and with
---compile the plain decode step compiled by torch.compile (its buckets compiled before the timing, the
-compile time printed, its greedy tokens checked against plain decoding's). Prints
+--compile the plain decode step and each MTP setting's draft-and-verify round compiled by torch.compile
+(their buckets compiled before the timing, the compile time printed, their greedy tokens checked against
+plain decoding's). Prints
 wall-clock tokens/s, each one's ratio to plain decoding (and the hemat/transformers ratio of tokens per
 second of process CPU time, less disturbed by other load on a shared machine), the draft acceptance and
 tokens per round, and KV-cache bytes per token. A random model's drafts are rarely right: measure MTP
@@ -65,14 +66,22 @@ def time_hemat(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> tuple[
     return tokens / elapsed, tokens / cpu, [o.outputs[0].token_ids for o in outs]
 
 
-def compiled_engine(model, batch: int, span: int) -> Engine:
-    """An engine with the compiled decode step, the bucket of this run compiled (timed apart)."""
-    engine = Engine(model, max_batch_size=batch, speculative="off", compile_decode=True)
-    compiled = engine.static_decode.compiled
-    compiled.queue(engine.static_decode.bucket(batch, span))
+def compiled_engine(model, batch: int, span: int, draft_tokens=None) -> Engine:
+    """An engine with the compiled decode step (plain, or MTP rounds of draft_tokens drafts), the buckets of
+    this run compiled first (timed apart)."""
+    engine = Engine(model, max_batch_size=batch, speculative="mtp" if draft_tokens else "off",
+                    num_speculative_tokens=draft_tokens, compile_decode=True)
+    compiled = engine.compiled_steps
+    if draft_tokens:
+        drafts = range(1, engine.drafter.max_tokens + 1) if draft_tokens == "auto" else [draft_tokens]
+        for n in drafts:
+            compiled.queue((*engine.drafter.bucket(batch, span), n))
+    else:
+        compiled.queue(engine.static_decode.bucket(batch, span))
     compiled.wait()
     stats = engine.stats()
-    print(f"           compiled: {stats['decode_compiled_buckets']} bucket(s) in {stats['decode_compile_s']:.1f} s"
+    print(f"           compiled {'MTP k=' + str(draft_tokens) if draft_tokens else 'plain'}: "
+          f"{stats['decode_compiled_buckets']} bucket(s) in {stats['decode_compile_s']:.1f} s"
           + (" (FAILED: eager)" if stats["decode_compile_failed"] else ""))
     return engine
 
@@ -89,8 +98,10 @@ def main() -> None:
                         "least disturbed by other load on a shared machine")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is steadier on a shared machine)")
-    parser.add_argument("--draft-tokens", default="1,2,3,auto", help="MTP draft counts to compare with plain decoding")
-    parser.add_argument("--compile", action="store_true", help="also time the decode step compiled by torch.compile")
+    parser.add_argument("--draft-tokens", default="1,2,3,auto",
+                        help="MTP draft counts to compare with plain decoding ('': none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the decode step and the MTP rounds compiled by torch.compile")
     parser.add_argument("--quick", action="store_true", help="a short run: 32 new tokens, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -116,7 +127,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    drafts = [d if d == "auto" else int(d) for d in args.draft_tokens.split(",")] if model.mtp_layers else []
+    drafts = [d if d == "auto" else int(d) for d in args.draft_tokens.split(",") if d] if model.mtp_layers else []
     hf_kv = None
     for batch in batches:
         prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_tokens), generator=gen)
@@ -124,7 +135,9 @@ def main() -> None:
         engines = {"plain": engine, **{f"MTP k={d}": Engine(model, max_batch_size=batch, speculative="mtp",
                                                             num_speculative_tokens=d) for d in drafts}}
         if args.compile:
-            engines["compiled"] = compiled_engine(model, batch, args.prompt_tokens + args.new_tokens)
+            span = args.prompt_tokens + args.new_tokens + 4  # and the verify positions of up to 3 drafts
+            engines["compiled"] = compiled_engine(model, batch, span)
+            engines.update({f"MTP k={d} compiled": compiled_engine(model, batch, span, d) for d in drafts})
         time_hf(reference, prompts[:, :8], 4)  # warm up every contender
         for e in engines.values():
             time_hemat(e, prompts[:, :8], 4)
@@ -147,19 +160,17 @@ def main() -> None:
         for name in engines:
             if name == "plain":
                 continue
-            if name == "compiled":
-                same = "identical" if outputs["compiled"] == outputs["plain"] else "DIFFERENT"
-                print(f"           compiled   {best[name][0]:9.1f} tok/s = {best[name][0] / plain:5.2f}x plain "
-                      f"(per CPU second: {best[name][1] / best['plain'][1]:5.2f}x; vs transformers "
-                      f"{best[name][0] / hf_rate:5.2f}x, per CPU second {best[name][1] / hf_cpu:5.2f}x), "
-                      f"greedy tokens {same}, {engines[name].stats()['decode_compiled_steps']} compiled steps")
-                continue
-            stats = engines[name].stats()
-            rounds = 1 + stats["spec_accepted"] / max(stats["spec_rounds"], 1)
-            print(f"           {name:10s} {best[name][0]:9.1f} tok/s = {best[name][0] / plain:5.2f}x plain "
-                  f"(per CPU second: {best[name][1] / best['plain'][1]:5.2f}x), "
-                  f"acceptance {stats['spec_acceptance_rate']:.1%} ({stats['spec_accepted']}/{stats['spec_drafted']} "
-                  f"drafts), {rounds:.2f} tokens per round")
+            stats, line = engines[name].stats(), f"           {name:18s} {best[name][0]:9.1f} tok/s = " \
+                f"{best[name][0] / plain:5.2f}x plain (per CPU second: {best[name][1] / best['plain'][1]:5.2f}x)"
+            if name.startswith("MTP"):
+                rounds = 1 + stats["spec_accepted"] / max(stats["spec_rounds"], 1)
+                line += (f", acceptance {stats['spec_acceptance_rate']:.1%} ({stats['spec_accepted']}/"
+                         f"{stats['spec_drafted']} drafts), {rounds:.2f} tokens per round")
+            if name.endswith("compiled"):
+                same = "identical" if outputs[name] == outputs["plain"] else "DIFFERENT"
+                line += (f"; vs transformers {best[name][0] / hf_rate:5.2f}x, greedy tokens {same}, "
+                         f"{stats['decode_compiled_steps']} compiled steps")
+            print(line)
 
     kv = engine.cache.bytes_per_token
     element = torch.empty(0, dtype=model.dtype).element_size()

@@ -6,15 +6,19 @@ prefill), resident memory, and the bytes of weights. Batch-1 decode is bounded b
 weights read per token over the memory bandwidth, measured here by a sum over 1 GiB.
 
     python benchmarks/local_decode.py [--shape r1-distill-qwen-1.5b | --shape smollm-135m | --model DIR]
-        [--rows hemat-int4,transformers-fp32,...] [--batch-sizes 1,8] [--prompt-tokens 512] [--new-tokens 128]
+        [--rows hemat-int4,llama.cpp-q4_0,...] [--batch-sizes 1,8] [--prompt-tokens 512] [--new-tokens 128]
 
-llama.cpp rows are not included: llama-cpp-python has no binary wheel for this machine, and building it
-from source was left out of this benchmark's setup.
+The llama.cpp rows run hemat's own `export-gguf` file (q8_0, q4_0) through llama-cpp-python, which has no
+binary wheel for most CPUs: `bash benchmarks/setup_llama_cpp.sh` builds it from its source package (about
+15 minutes on 2 cores). Without it those rows are skipped with a note. llama-cpp-python decodes one
+sequence at a time through its high-level API, so its rows have batch 1 only. A hemat row named with
+`+compile` (e.g. hemat-int4+compile) decodes through the compiled step, compiled before the timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,7 +29,8 @@ from pathlib import Path
 import torch
 
 SHAPES = {path.stem: path for path in (Path(__file__).parent / "shapes").glob("*.json")}  # random weights of these
-ROWS = ("transformers-fp32", "transformers-bf16", "hemat-fp32", "hemat-bf16", "hemat-int8", "hemat-int4")
+ROWS = ("transformers-fp32", "transformers-bf16", "hemat-fp32", "hemat-bf16", "hemat-int8", "hemat-int4",
+        "llama.cpp-q8_0", "llama.cpp-q4_0")
 
 
 def memory_gb() -> tuple[float, float]:
@@ -46,9 +51,11 @@ def bandwidth_gbs() -> float:
 
 
 # ---- one row, in a child process -------------------------------------------------------------------------
-def load_row(row: str, path: Path, group_size: int, max_tokens: int):
+def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: int):
     """→ (generate(prompts, new_tokens), weight bytes); hemat's cache holds max_tokens per sequence."""
-    library, fmt = row.split("-")
+    library, fmt = row.removesuffix("+compile").split("-")
+    if library == "llama.cpp":
+        return load_llama_cpp(path / f"model-{fmt}.gguf", max_tokens, threads)
     if library == "transformers":
         import transformers
 
@@ -70,14 +77,18 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int):
     from hemat.infer.sampling import SamplingParams
 
     dtype = "bfloat16" if fmt == "bf16" else "float32"
+    compile_decode = row.endswith("+compile")
     model = load_for_inference(path, fmt if fmt.startswith("int") else None, group_size, dtype=dtype)
     engines = {}
 
     def generate(prompts: torch.Tensor, new_tokens: int) -> None:
         batch, length = prompts.shape
         if batch not in engines:
-            engines[batch] = Engine(model, max_batch_size=batch, speculative="off",
-                                    cache_tokens=batch * (max_tokens + 32))
+            engines[batch] = engine = Engine(model, max_batch_size=batch, speculative="off",
+                                             cache_tokens=batch * (max_tokens + 32), compile_decode=compile_decode)
+            if compile_decode:  # compiled before the timing, like a server warmed at start-up
+                engine.static_decode.compiled.queue(engine.static_decode.bucket(batch, max_tokens))
+                engine.static_decode.compiled.wait()
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         outs = engines[batch].generate(prompts.tolist(), params)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
@@ -85,20 +96,57 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int):
     return generate, model.weight_bytes
 
 
+def load_llama_cpp(gguf: Path, max_tokens: int, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=max_tokens + 32, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def generate(prompts: torch.Tensor, new_tokens: int) -> None:
+        if len(prompts) != 1:
+            raise ValueError("llama-cpp-python's rows decode batch 1 only")
+        made = 0
+        for made, _ in enumerate(llm.generate(prompts[0].tolist(), temp=0.0, reset=True), start=1):
+            if made == new_tokens:
+                break
+        assert made == new_tokens
+
+    return generate, gguf.stat().st_size
+
+
+def export_gguf_files(path: Path, formats: list[str]) -> None:
+    """hemat's own GGUF export of the checkpoint at `path` (q8_0, q4_0) for the llama.cpp rows; a checkpoint
+    without a tokenizer gets a small byte-level BPE one (the rows feed token ids, the text does not matter)."""
+    import hemat
+    from hemat.model.gguf_io import export_gguf
+    from hemat.tokenizer import load_tokenizer, train_tokenizer
+
+    if (path / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(path)
+    else:
+        corpus = path / "corpus.txt"
+        corpus.write_text("the quick brown fox jumps over the lazy dog 0123456789\n" * 200)
+        tokenizer = train_tokenizer([corpus], 300, path / "tokenizer", show_progress=False)
+    model = hemat.from_pretrained(path)
+    for fmt in formats:
+        export_gguf(model, tokenizer, path / f"model-{fmt}.gguf", fmt, progress=False)
+
+
 def run_row(args) -> None:
     torch.set_num_threads(args.threads)
     generate, weight_bytes = load_row(args.row, Path(args.model), args.group_size,
-                                      args.prompt_tokens + args.new_tokens)
+                                      args.prompt_tokens + args.new_tokens, args.threads)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
     def prompts(batch: int) -> torch.Tensor:  # fresh each time: no prefix cache hit
         return torch.randint(2, vocab, (batch, args.prompt_tokens), generator=gen)
 
-    for batch in map(int, args.batch_sizes.split(",")):  # warm-up
+    batches = [b for b in map(int, args.batch_sizes.split(",")) if b == 1 or not args.row.startswith("llama.cpp")]
+    for batch in batches:  # warm-up
         generate(prompts(batch)[:, :16], 2)
     result = {"row": args.row, "weight_bytes": weight_bytes, "decode": {}}
-    for batch in map(int, args.batch_sizes.split(",")):
+    for batch in batches:
         start = time.perf_counter()
         generate(prompts(batch), 1)
         first = time.perf_counter() - start
@@ -139,8 +187,16 @@ def main() -> None:
             CausalLM(ModelConfig.from_file(SHAPES[args.shape])).save_pretrained(path)
         print(f"model: {args.model or args.shape + ' (random weights)'}; prompt {args.prompt_tokens} tokens, "
               f"{args.new_tokens} new tokens, greedy; {args.threads} threads")
+        rows = args.rows.split(",")
+        llama_rows = [row for row in rows if row.startswith("llama.cpp")]
+        if llama_rows and importlib.util.find_spec("llama_cpp") is None:
+            print(f"skipping {', '.join(llama_rows)}: llama-cpp-python is not installed "
+                  "(bash benchmarks/setup_llama_cpp.sh builds it)")
+            rows = [row for row in rows if row not in llama_rows]
+        elif llama_rows:
+            export_gguf_files(Path(path), [row.split("-")[1] for row in llama_rows])
         results = []
-        for row in args.rows.split(","):
+        for row in rows:
             command = [sys.executable, __file__, "--row", row, "--model", path, "--batch-sizes", args.batch_sizes,
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                        "--threads", str(args.threads), "--group-size", str(args.group_size)]
@@ -159,7 +215,7 @@ def main() -> None:
           "weights GB | batch-1 ceiling tok/s |")
     print("|---" * (len(batches) + 7) + "|")
     for r in results:
-        rates = " | ".join(f"{r['decode'][str(b)]:.2f}" for b in batches)
+        rates = " | ".join(f"{r['decode'][str(b)]:.2f}" if str(b) in r["decode"] else "-" for b in batches)
         ratio = f"{r['decode'][str(batches[0])] / base['decode'][str(batches[0])]:.2f}x" if base else "-"
         ceiling = bandwidth * 1e9 / r["weight_bytes"]
         print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} | "

@@ -1,15 +1,18 @@
-"""QLoRA memory: peak resident memory of LoRA training steps over an int4 or int8 base against a bf16 base, on
-DeepSeek-R1-Distill-Qwen-1.5B's shape (random weights), sequence length 512, batch 4, rank 16 on every
-projection, AdamW, gradient checkpointing, the cross-entropy over `--loss-chunk` tokens at a time (what
-`hemat sft --set lora.quantize=int4 --set train.gradient_checkpointing=true --set train.loss_chunk_tokens=512`
-runs). One fresh process per row; two peaks each (VmHWM, reset in between through /proc/self/clear_refs):
-building the model in bf16 and quantizing it layer by layer, then the training steps.
+"""QLoRA memory: peak resident memory and speed of LoRA training steps over an int4 or int8 base against a bf16
+base, on DeepSeek-R1-Distill-Qwen-1.5B's shape (random weights), sequence length 512, batch 4, rank 16 on every
+projection (and on the routed experts of a MoE shape), AdamW, gradient checkpointing, the cross-entropy over
+`--loss-chunk` tokens at a time (what `hemat sft --set lora.quantize=int4 --set train.gradient_checkpointing=true
+--set train.loss_chunk_tokens=512` runs). One fresh process per row; two peaks each (VmHWM, reset in between
+through /proc/self/clear_refs): building the model in bf16 and quantizing it layer by layer, then the training
+steps. MoE shapes: `deepseek-tiny` is the cpu-tiny preset's DeepSeek-V3 (without MTP); `deepseek-moe` a bigger
+DeepSeek-V3 (hidden 1024, 4 layers, 64 routed experts of 512, top 6, 2 shared; 0.4B parameters).
 
 `--kernels` times one projection of the shape for 2048 rows (a training micro-batch) both ways a quantized
 base can multiply: the packed inference kernels (hemat.infer.quantize) and dequantizing per call + one matmul
 (hemat.model.qlora, what training uses).
 
-    PYTHONPATH=. python benchmarks/qlora_memory.py [--shape qwen2-1.5b|qwen2-small|DIR] [--bases int4 bf16]
+    PYTHONPATH=. python benchmarks/qlora_memory.py [--shape qwen2-1.5b|qwen2-small|deepseek-tiny|deepseek-moe|DIR]
+        [--bases int4 bf16]
         [--steps 1] [--kernels]"""
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ import sys
 import time
 from pathlib import Path
 
+from finetune_memory import DEEPSEEK_TINY
+
 SEQ, BATCH, RANK, ALPHA = 512, 4, 16, 32
+DEEPSEEK_V3 = dict(model_type="deepseek_v3", **DEEPSEEK_TINY, num_nextn_predict_layers=0)
 SHAPES = {
     "qwen2-1.5b": json.loads((Path(__file__).parent / "shapes" / "r1-distill-qwen-1.5b.json").read_text()),
     "qwen2-small": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                         num_hidden_layers=4, num_attention_heads=14, num_key_value_heads=2,
                         max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1),
+    "deepseek-tiny": DEEPSEEK_V3,
+    "deepseek-moe": {**DEEPSEEK_V3, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+                     "moe_intermediate_size": 512, "n_routed_experts": 64, "num_experts_per_tok": 6,
+                     "n_shared_experts": 2, "n_group": 8, "topk_group": 4, "num_attention_heads": 8,
+                     "num_key_value_heads": 8, "q_lora_rank": 512, "kv_lora_rank": 256, "qk_nope_head_dim": 64,
+                     "qk_rope_head_dim": 32, "v_head_dim": 64},
 }
 
 
@@ -152,17 +164,17 @@ def main() -> None:
         return
     print(f"{args.shape}, seq {SEQ}, batch {BATCH}, LoRA rank {RANK} on every projection, AdamW, gradient "
           f"checkpointing, loss chunk {args.loss_chunk}; {os.environ.get('THREADS', '2')} threads; one process per row")
-    print("| base | peak RSS, build + quantize | peak RSS, training | s/step | first loss |\n"
-          "| --- | --- | --- | --- | --- |", flush=True)
+    print("| base | peak RSS, build + quantize | peak RSS, training | s/step | tokens/s | first loss |\n"
+          "| --- | --- | --- | --- | --- | --- |", flush=True)
     for base in args.bases:
         done = subprocess.run([sys.executable, __file__, "--measure", args.shape, base, str(args.steps),
                                str(args.loss_chunk)], capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"| {base} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |", flush=True)
+            print(f"| {base} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"| {base} | {r['load_peak'] / 2**30:.2f} GiB | {r['train_peak'] / 2**30:.2f} GiB | {r['step_s']:.0f} "
-              f"| {r['losses'][0]:.3f} |", flush=True)
+        print(f"| {base} | {r['load_peak'] / 2**30:.2f} GiB | {r['train_peak'] / 2**30:.2f} GiB | {r['step_s']:.1f} "
+              f"| {BATCH * SEQ / r['step_s']:.0f} | {r['losses'][0]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,10 @@ class SpeedrunConfig:
 
 
 def _schemas() -> dict:
-    from hemat.train.config import LoraSection
-    from hemat.train.grpo import GRPOConfig
-    from hemat.train.sft import SFTConfig
+    from hemat.train import grpo, sft
 
     # lora: (rank 0 by default) LoRA instead of full fine-tuning in the SFT and GRPO stages
-    return {"speedrun": SpeedrunConfig, "sft": SFTConfig, "grpo": GRPOConfig, "lora": LoraSection}
+    return {"speedrun": SpeedrunConfig, **sft.SCHEMAS, **grpo.SCHEMAS}
 
 
 def speedrun(preset: str, out: str | Path, overrides: list[str] = ()) -> dict:
@@ -196,6 +194,7 @@ def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict
 
     model, train = config.model, config.train
     sft, grpo, run = config.sections["sft"], config.sections["grpo"], config.sections["speedrun"]
+    sft_train, grpo_train = config.train_for("sft"), config.train_for("grpo")
     pretrain_cost = ledger.stage("pretrain")
     before, after = evals["sft"], evals["grpo"]
     summary = markdown_table(["", ""], [
@@ -235,16 +234,16 @@ def write_speedrun_report(out: Path, preset: str, config, counts, manifest: dict
     ])
     fine_tuning = markdown_table(["", ""], [
         ["data", f"{sft.data}" if sft.data else f"{sft.problems:,} embedded training-side problems as chats"],
-        ["steps", f"{sft.steps} × {sft.batch_tokens:,} tokens, loss on the assistant turns only"],
-        ["optimizer", f"AdamW, peak LR {sft.lr:g}, {sft.schedule} schedule"],
+        ["steps", f"{sft_train.steps} × {sft_train.batch_tokens:,} tokens, loss on the assistant turns only"],
+        ["optimizer", f"{sft_train.optimizer}, peak LR {sft_train.lr:g}, {sft_train.schedule} schedule"],
     ])
     rl = markdown_table(["", ""], [
         ["variant", f"{grpo.variant} (ε {grpo.epsilon}/{grpo.epsilon_high}, β {grpo.beta}, "
                     f"{grpo.loss_aggregation} loss, dynamic sampling {'on' if grpo.dynamic_sampling else 'off'})"],
-        ["rollouts", f"{grpo.steps} steps × {grpo.prompts_per_step} prompts × G={grpo.group_size} samples, "
+        ["rollouts", f"{grpo_train.steps} steps × {grpo.prompts_per_step} prompts × G={grpo.group_size} samples, "
                      f"temperature {grpo.temperature}, at most {grpo.max_new_tokens} new tokens"],
         ["reward", f"1 for the right final answer + {grpo.format_reward} for the <think> format (rules, no model)"],
-        ["optimizer", f"AdamW, LR {grpo.lr:g}, {grpo.schedule} schedule"],
+        ["optimizer", f"{grpo_train.optimizer}, LR {grpo_train.lr:g}, {grpo_train.schedule} schedule"],
     ])
     levels = list(before["by_level"])
     accuracy = markdown_table(["model", "all", *[f"level {k}" for k in levels]], [

@@ -118,14 +118,15 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     model = tiny_model("deepseek_v3")
     engine = Engine(model, page_size=4, max_prefill_tokens=5)  # prompts prefill (and fill MTP caches) in chunks
     rounds = []
-    draft = engine.drafter._draft
+    draft_chain = engine.drafter.draft_chain
 
-    def recording_draft(seqs, ms, *args):
-        drafts, qs = draft(seqs, ms, *args)
-        rounds.extend((s, m, d[0]) for s, m, d in zip(seqs, ms, drafts.tolist()))
-        return drafts, qs
+    def recording_draft_chain(inputs, *args):
+        drafts = draft_chain(inputs, *args)
+        ms = inputs[:, 1].tolist()  # the rows of _round_inputs start with [mtp_start, m, ...]
+        rounds.extend((s, m, d) for s, m, d in zip(engine.running, ms, drafts[0].tolist()))
+        return drafts
 
-    engine.drafter._draft = recording_draft
+    engine.drafter.draft_chain = recording_draft_chain
     prompts = [prompt(9, seed=1), prompt(14, seed=2)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
     assert len(rounds) >= 10

@@ -216,11 +216,11 @@ def test_buckets():
     model = tiny_model()
     cache = PagedCache(model.config, num_pages=8, page_size=16, dtype=torch.float32, device=torch.device("cpu"))
     steps = BucketedDecode(model, cache, max_batch_size=6, max_context=4096, capture=False)
-    assert steps.batch_buckets == [1, 2, 4, 6]
-    assert steps.span_buckets == [256, 512, 1024, 2048, 4096]
+    assert steps.bucket.batches == [1, 2, 4, 6]
+    assert steps.bucket.spans == [256, 512, 1024, 2048, 4096]
     assert steps.bucket(3, 300) == (4, 512 // 16) and steps.bucket(6, 1) == (6, 256 // 16)
     short = BucketedDecode(model, cache, max_batch_size=1, max_context=100, capture=False)
-    assert short.batch_buckets == [1] and short.span_buckets == [112]  # the context in whole pages
+    assert short.bucket.batches == [1] and short.bucket.spans == [112]  # the context in whole pages
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "qwen3"])

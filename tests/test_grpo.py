@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def settings(**changes) -> GRPOConfig:
-    cfg = GRPOConfig(**changes)
+    cfg = GRPOConfig(**changes).resolved()
     cfg.validate()
     return cfg
 
@@ -151,7 +151,7 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(checkpoint):
         value = 1.0 if problem.id.startswith("a") else float(calls["n"] % 2)
         return Verdict(bool(value), False), value
 
-    common = dict(prompts_per_step=4, group_size=4, max_new_tokens=3, micro_batch_size=8, beta=0.0, log_kl=False)
+    common = dict(prompts_per_step=4, group_size=4, max_new_tokens=3, beta=0.0, log_kl=False)
     for dynamic in (True, False):
         cfg = settings(dynamic_sampling=dynamic, max_sampling_rounds=4, **common)
         source = RolloutSource(model, None, tokenizer, problems, cfg, accum=2, device=torch.device("cpu"), score_fn=score)

@@ -123,7 +123,7 @@ def test_a_cached_repo_with_only_pickle_weights_is_refused(offline):
 def test_eval_and_training_stages_take_a_hub_id(offline, tmp_path, monkeypatch):
     import json
 
-    from hemat.train.sft import starting_checkpoint
+    from hemat.train.stage import starting_checkpoint
 
     assert starting_checkpoint("org/tiny@v1", "sft").name == COMMIT_V1
     monkeypatch.chdir(tmp_path)

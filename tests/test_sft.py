@@ -147,11 +147,12 @@ def test_sft_trains_resumes_and_keeps_the_ledger(checkpoint, tmp_path):
     pre_ledger.save()
     overrides = FAST + [f"sft.model={checkpoint}", "sft.problems=300", "sft.val_examples=20", "sft.steps=24",
                         "sft.seq_len=256", "sft.batch_tokens=1024", "sft.micro_batch_size=2", "sft.lr=5e-3",
-                        "sft.warmup_steps=2", "sft.eval_interval=12", "sft.mtp_weight=0.3"]
+                        "sft.warmup_steps=2", "sft.eval_interval=12", "sft.mtp_weight=0.3", "train.lr=1.0"]
     run = tmp_path / "run"
     result = run_sft(load_sft_config("cpu-tiny", overrides), run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
+    assert records[1]["lr"] == pytest.approx(5e-3)  # the peak after warm-up: sft.lr, not train.lr
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert records[-1]["val_loss"] < records[11]["val_loss"] < 6.0 and "mtp_loss" in records[0]
     final = Path(result["checkpoint"])

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from hemat.infer.cache import PagedCache
-from hemat.infer.compiled_decode import CompiledDecode
-
-MIN_SPAN = 256  # the smallest attended-span bucket, in tokens
+from hemat.infer.compiled_decode import Buckets, CompiledSteps
 
 
 @dataclass
@@ -47,14 +45,7 @@ class BucketedDecode:
                  compile: bool = False):
         self.model, self.cache = model, cache
         self.capture = capture  # False: eager, or compiled where `compile` (CPU: compiled_decode.py)
-        self.batch_buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
-        ps = cache.page_size
-        limit = -(-max_context // ps) * ps
-        spans, span = [], -(-MIN_SPAN // ps) * ps
-        while span < limit:
-            spans.append(span)
-            span *= 2
-        self.span_buckets = spans + [limit]
+        self.bucket = Buckets(max_batch_size, max_context, cache.page_size)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.uses: dict[tuple[int, int], int] = {}
         self.pool = None
@@ -63,14 +54,13 @@ class BucketedDecode:
         self.enabled = True  # False after a failed capture: the engine then takes its plain decode path
         self.compiled = None
         if compile:
-            self.compiled = CompiledDecode(self, len(self.batch_buckets) * len(self.span_buckets))
+            self.compiled = CompiledSteps(self.forward, self.example, cache, len(self.bucket))
             self.compiled.queue(self.bucket(1, 1))  # the first request's bucket, compiled at start-up
 
-    def bucket(self, rows: int, span: int) -> tuple[int, int]:
-        """(padded batch, padded span in pages) for `rows` sequences attending to at most `span` positions."""
-        batch = next(b for b in self.batch_buckets if b >= rows)
-        tokens = next(s for s in self.span_buckets if s >= span)
-        return batch, tokens // self.cache.page_size
+    def example(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """A bucket's all-padding inputs (position 0 of the scratch page) and its width."""
+        batch, width = key
+        return torch.zeros(batch, width + 2, dtype=torch.long, device=self.cache.device), width
 
     def __call__(self, token_ids: list[int], block_tables: list[list[int]], positions: list[int]) -> torch.Tensor:
         """One decode step: row i feeds token_ids[i] at positions[i] through its block table → logits
@@ -83,8 +73,8 @@ class BucketedDecode:
         inputs = torch.tensor(rows, dtype=torch.long)
         graph = self._graph((batch, width)) if self.capture else None
         if graph is None:
-            logits = self.compiled(inputs, (batch, width)) if self.compiled is not None else None
-            return (logits if logits is not None else self.forward(inputs.to(self.cache.device), width))[:n]
+            compiled = self.compiled.get((batch, width)) if self.compiled is not None else None
+            return (compiled or self.forward)(inputs.to(self.cache.device), width)[:n]
         graph.copied.synchronize()  # the previous step's copy has left the staging buffer
         graph.staging.copy_(inputs)
         with torch.cuda.device(self.cache.device):

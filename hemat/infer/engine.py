@@ -7,7 +7,8 @@ advances the admitted prompts by one padded prefill forward of at most max_prefi
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
 the model carries MTP layers (num_speculative_tokens drafts, chained past the MTP depth, or "auto":
 speculative.py). Sequences leave the batch the step they finish; new ones join. On CUDA
-the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py).
+the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py); on CPU
+with compile_decode, it and greedy MTP rounds are compiled per bucket in the background (compiled_decode.py).
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
 accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
@@ -34,6 +35,7 @@ import torch
 from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
 from hemat.infer.constraints import Grammars
+from hemat.infer.compiled_decode import Buckets
 from hemat.infer.cuda_graphs import BucketedDecode
 from hemat.infer.outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprob
 from hemat.infer.quantize import prepare_for_inference
@@ -85,13 +87,14 @@ class Engine:
             raise HematError(f"cache_tokens must be at least page_size ({page_size}), got {cache_tokens}")
         self.cache = PagedCache(self.config, math.ceil(cache_tokens / page_size), page_size, model.dtype,
                                 self.device, num_layers)
-        self.drafter = MTPDrafter(model, self.cache, num_speculative_tokens) if self.spec_depth else None
-        self.spec_tokens = self.drafter.max_tokens if self.drafter is not None else 0  # cache room past the end
         # plain decode rounds at static shapes: recorded as CUDA graphs ("auto" on CUDA, "on"), or run
         # eagerly ("eager", for tests); on CPU with compile_decode, compiled per bucket by torch.compile in the
-        # background (compiled_decode.py); MTP draft-and-verify rounds stay eager
+        # background (compiled_decode.py), and so are greedy MTP draft-and-verify rounds
         capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
-        compile_decode = compile_decode and not capture
+        compile_decode = compile_decode and not capture and self.adapters is None
+        buckets = Buckets(max_batch_size, self.max_context, page_size) if compile_decode else None
+        self.drafter = MTPDrafter(model, self.cache, num_speculative_tokens, buckets) if self.spec_depth else None
+        self.spec_tokens = self.drafter.max_tokens if self.drafter is not None else 0  # cache room past the end
         self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture, compile_decode)
                               if (capture or compile_decode or cuda_graphs == "eager") and not self.spec_depth
                               and self.adapters is None else None)
@@ -108,6 +111,12 @@ class Engine:
         self._ids = itertools.count()
         self.counters = dict(requests_finished=0, requests_cancelled=0, cached_prefix_tokens=0,
                              prompt_tokens=0, generated_tokens=0)
+
+    @property
+    def compiled_steps(self):
+        """The compiled decode steps (compiled_decode.CompiledSteps: plain or MTP rounds), or None."""
+        holder = self.drafter if self.drafter is not None else self.static_decode
+        return getattr(holder, "compiled", None)
 
     @property
     def grammars(self) -> Grammars:
@@ -569,8 +578,8 @@ class Engine:
                    speculative_depth=self.spec_depth, speculative_tokens=self.spec_tokens,
                    weight_format=self.model.weight_format, weight_bytes=self.model.weight_bytes,
                    decode_graphs=len(self.static_decode.graphs) if self.static_decode is not None else 0)
-        if self.static_decode is not None and self.static_decode.compiled is not None:
-            out.update(self.static_decode.compiled.stats())
+        if self.compiled_steps is not None:
+            out.update(self.compiled_steps.stats())
         out.update(self._grammars.stats() if self._grammars is not None else Grammars.idle_stats())
         if self.drafter is not None:
             out.update(spec_rounds=self.drafter.rounds, spec_drafted=self.drafter.drafted, spec_accepted=self.drafter.accepted,

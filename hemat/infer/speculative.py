@@ -25,7 +25,11 @@ measured on CPU for DeepSeek-V3's D = 1) or chosen per sequence and round ("auto
 the longest chain (up to AUTO_MAX_TOKENS) that the sequence's running record says is accepted whole at
 least AUTO_MIN_PROBABILITY of the time. Per sequence, so that a seeded request draws the same alone or
 in any batch. A batch drafts as many as its longest sampled row, or the shortest greedy one (a longer
-chain costs every row its verify positions), and a row verifies only its own."""
+chain costs every row its verify positions), and a row verifies only its own.
+
+A round whose rows are all plain greedy runs on tensors alone (greedy_round: drafts, verify forward and
+acceptance), so that on CPU it can be compiled per bucket (padded batch, span, n) as the plain decode
+step is (compiled_decode.py); padding rows write only the cache's scratch page."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from hemat.errors import HematError
+from hemat.infer.compiled_decode import Buckets, CompiledSteps
 from hemat.infer.sampling import gather_logprobs, process_logits, verify_drafts
 
 AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
@@ -78,7 +83,8 @@ class ChainLength:
 
 
 class MTPDrafter:
-    def __init__(self, model, cache, num_speculative_tokens: int | str | None = None):
+    def __init__(self, model, cache, num_speculative_tokens: int | str | None = None, buckets: Buckets | None = None):
+        """buckets: compile plain greedy rounds per (padded batch, span, drafts) bucket (compiled_decode.py)."""
         self.model, self.cache = model, cache
         self.depth = len(model.mtp_layers)
         num_speculative_tokens = self.depth if num_speculative_tokens is None else num_speculative_tokens
@@ -88,6 +94,10 @@ class MTPDrafter:
             raise HematError(f"num_speculative_tokens must be 'auto' or an integer >= 1, got {num_speculative_tokens!r}")
         self.max_tokens = max(AUTO_MAX_TOKENS, self.depth) if self.adaptive else num_speculative_tokens
         self.rounds = self.drafted = self.accepted = 0  # rounds are counted per sequence
+        self.bucket, self.compiled = buckets, None
+        if buckets is not None:
+            self.compiled = CompiledSteps(self.greedy_round, self.example, cache, len(buckets) * self.max_tokens)
+            self.compiled.queue((*buckets(1, 1), self.max_tokens))  # the first request's first round
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -138,19 +148,14 @@ class MTPDrafter:
         ms = [s.num_cached for s in seqs]
         for s, m in zip(seqs, ms):
             grow(s, m + n + 1)  # the verify forward's positions; chained drafts write before them
-        fast = grammars is None and all(plain_greedy(s.params) for s in seqs)
-        drafts, qs = self._draft(seqs, ms, ns, fast, grammars)  # [B, n]
-
-        last = torch.tensor([[s.output[-1]] for s in seqs], device=drafts.device)
-        positions = self.cache.begin_step([s.pages for s in seqs], ms, [n + 1] * len(seqs))
-        hidden = self.model.model(torch.cat((last, drafts), 1), positions, self.cache)
-        logits = self.model.logits(hidden)  # [B, n + 1, V]
-        if fast:  # accepted: a row's drafts that equal the target's argmax, up to the first that does not
-            best = logits.argmax(-1)
-            own = torch.arange(n, device=best.device) < torch.tensor(ns, device=best.device)[:, None]
-            accepted = ((best[:, :n] == drafts) & own).cumprod(1).sum(1).tolist()
+        if grammars is None and all(plain_greedy(s.params) for s in seqs):  # every row drafts n
+            best, accepted, hidden = self._greedy_round(seqs, ms, n)
             results = [(tokens[: a + 1], None) for tokens, a in zip(best.tolist(), accepted)]
         else:
+            span = max(ms) + n + 1
+            inputs, hidden = self._round_inputs(seqs, ms, len(seqs), -(-span // self.cache.page_size))
+            drafts, qs = self._draft(seqs, inputs, hidden, n, ns, span, grammars)  # [B, n]
+            hidden, logits = self.verify_forward(inputs, drafts, span, self.cache)
             own_drafts = [row[:k] for row, k in zip(drafts.tolist(), ns)]
             results, accepted = self._verify(seqs, logits, own_drafts, qs, grammars)
         for i, (s, m, a) in enumerate(zip(seqs, ms, accepted)):
@@ -164,38 +169,105 @@ class MTPDrafter:
         self.accepted += sum(accepted)
         return results
 
-    def _draft(self, seqs, ms, ns, fast: bool, grammars) -> tuple[torch.Tensor, list | None]:
-        """The drafts [B, max(ns)] of a round (row i's own are the first ns[i]), and for sampled rows
-        the distributions they were drawn from."""
-        model, b, d, n = self.model, len(seqs), self.depth, max(ns)
+    def _greedy_round(self, seqs, ms, n: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """A plain greedy round, compiled for its bucket where that is ready, else eagerly at its own shapes."""
+        span = max(ms) + n + 1
+        if self.compiled is not None:
+            batch, width = self.bucket(len(seqs), span)
+            compiled = self.compiled.get((batch, width, n))
+            if compiled is not None:
+                inputs, hidden = self._round_inputs(seqs, ms, batch, width, self.max_tokens + self.depth)
+                best, accepted, hidden = compiled(inputs, hidden, n, width * self.cache.page_size)
+                rows = len(seqs)  # the padding rows' results are dropped
+                return best[:rows], accepted[:rows].tolist(), hidden[:rows]
+        inputs, hidden = self._round_inputs(seqs, ms, len(seqs), -(-span // self.cache.page_size))
+        best, accepted, hidden = self.greedy_round(inputs, hidden, n, span)
+        return best, accepted.tolist(), hidden
+
+    def greedy_round(self, inputs: torch.Tensor, hidden: torch.Tensor, n: int, span: int, cache=None):
+        """A greedy round on tensors (_round_inputs'), eager or compiled per bucket (then `cache` is the
+        engine's, or a shallow copy of it for the compile's first run): the drafts are the MTP argmaxes, the
+        accepted ones equal the target's argmax, up to the first that does not → (the target's argmax
+        [B, n + 1], accepted counts [B], the main hidden states [B, n + 1, H])."""
+        cache = self.cache if cache is None else cache
+        drafts = torch.stack(self.draft_chain(inputs, hidden, n, span, cache, lambda logits, _: logits.argmax(-1)), 1)
+        hidden, logits = self.verify_forward(inputs, drafts, span, cache)
+        best = logits.argmax(-1)
+        return best, (best[:, :n] == drafts).cumprod(1).sum(1), hidden
+
+    def _round_inputs(self, seqs, ms, batch: int, width: int, t: int | None = None):
+        """One int64 row per sequence, [mtp_start | m | x_m | block table (width pages) | x_{mtp_start+1}..x_m],
+        and the main hidden states kept from mtp_start on [batch, t, H] (t: at least the longest). Rows past
+        the sequences are padding: the scratch page, as after a prefill of d tokens."""
+        d, rows = self.depth, []
         starts = [s.mtp_start for s in seqs]
-        lengths = [m - start for m, start in zip(ms, starts)]
-        t = max(lengths)
-        positions = self.cache.begin_step([s.pages for s in seqs], starts, lengths)
-        rope = model.model.rotary_emb(positions)
-        # committed tokens x_{start+1}..x_m, then each depth's draft for the deeper depths to read
-        ids = self._ids([s.tokens(start + 1, m + 1) for s, start, m in zip(seqs, starts, ms)], t + d)
-        hidden = pad_sequence([s.hidden for s in seqs], batch_first=True)
-        rows, last = torch.arange(b, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1
-        drafts, qs = [], None if fast else [[] for _ in seqs]
-        advanced = [0] * b  # draft tokens each grammar state accepted
+        t = max(m - start for m, start in zip(ms, starts)) if t is None else t
+        for s, start, m in zip(seqs, starts, ms):
+            table, tokens = s.pages[:width], s.tokens(start + 1, m + 1)
+            rows.append([start, m, s.output[-1]] + table + [0] * (width - len(table)) + tokens
+                        + [0] * (t + d - len(tokens)))
+        rows += [[0, d, 0] + [0] * (width + t + d)] * (batch - len(seqs))
+        hidden = seqs[0].hidden.new_zeros(batch, t, self.model.config.hidden_size)
+        for i, s in enumerate(seqs):
+            hidden[i, : len(s.hidden)] = s.hidden
+        return torch.tensor(rows, device=self.model.device), hidden
+
+    def example(self, key: tuple[int, int, int]) -> tuple:
+        """A compile bucket's all-padding inputs: (batch, width, n) → greedy_round's arguments."""
+        batch, width, n = key
+        t, d = self.max_tokens + self.depth, self.depth
+        inputs = torch.tensor([[0, d, 0] + [0] * (width + t + d)] * batch, device=self.model.device)
+        hidden = torch.zeros(batch, t, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
+        return inputs, hidden, n, width * self.cache.page_size
+
+    def draft_chain(self, inputs: torch.Tensor, hidden: torch.Tensor, n: int, span: int, cache, pick) -> list:
+        """max(n, d) drafts [B] each (the first n are the round's): every depth over the positions from
+        mtp_start to m - 1, then the last depth chained one position on at a time. pick(logits, drafts so
+        far) → the next draft per row."""
+        model, d, b, t = self.model, self.depth, *hidden.shape[:2]
+        start, m, _, table, ids = self._fields(inputs, span, cache)  # ids: x_{start+1}..x_m, then the drafts
+        own = torch.compiler.is_compiling()
+        rope = model.model.rotary_emb(cache.set_step(table, start, m, t, span, own_aranges=own))
+        rows, last = torch.arange(b, device=hidden.device), (m - start - 1)[:, 0]
+        drafts = []
         for j in range(max(n, d)):
             if j < d:  # depth j + 1 over every position: depth j's output and the tokens j + 1 ahead
-                hidden = model.mtp_depth(j, hidden, ids[:, j : j + t], rope, self.cache)
+                hidden = model.mtp_depth(j, hidden, ids[:, j : j + t], rope, cache)
                 out = hidden[rows, last]
             else:  # chained: the last depth one position on, on its own output and the last draft
-                positions = self.cache.begin_step([s.pages for s in seqs], [m + j - d for m in ms], [1] * b)
-                out = model.mtp_depth(d - 1, out[:, None], drafts[-1][:, None], model.model.rotary_emb(positions),
-                                      self.cache)[:, 0]
-            logits = model.logits(model.mtp_layers[min(j, d - 1)].shared_head.norm(out))
-            token = logits.argmax(-1) if fast else self._pick(logits, seqs, drafts, qs, grammars, advanced, ns)
+                position = m + j - d
+                rope = model.model.rotary_emb(cache.set_step(table, position, position + 1, 1, span, own_aranges=own))
+                out = model.mtp_depth(d - 1, out[:, None], drafts[-1][:, None], rope, cache)[:, 0]
+            token = pick(model.logits(model.mtp_layers[min(j, d - 1)].shared_head.norm(out)), drafts)
             drafts.append(token)
             if j + 1 < d:
-                ids[rows, last + j + 1] = token
+                ids = ids.index_put((rows, last + j + 1), token)
+        return drafts[:n]
+
+    @staticmethod
+    def _fields(inputs: torch.Tensor, span: int, cache) -> tuple[torch.Tensor, ...]:
+        """_round_inputs' rows → (mtp_start [B, 1], m [B, 1], x_m [B, 1], block tables [B, W], tokens [B, t + d])."""
+        width = -(-span // cache.page_size)
+        return inputs[:, :1], inputs[:, 1:2], inputs[:, 2:3], inputs[:, 3 : 3 + width], inputs[:, 3 + width :]
+
+    def verify_forward(self, inputs: torch.Tensor, drafts: torch.Tensor, span: int, cache):
+        """The main model over [x_m, d_1..d_n] at positions m..m+n → (hidden [B, n + 1, H], logits [B, n + 1, V])."""
+        _, m, last, table, _ = self._fields(inputs, span, cache)
+        n = drafts.shape[1]
+        positions = cache.set_step(table, m, m + n + 1, n + 1, span, own_aranges=torch.compiler.is_compiling())
+        hidden = self.model.model(torch.cat((last, drafts), 1), positions, cache)
+        return hidden, self.model.logits(hidden)
+
+    def _draft(self, seqs, inputs, hidden, n: int, ns, span: int, grammars) -> tuple[torch.Tensor, list]:
+        """The drafts [B, n] of a round with each row's processing (row i's own are the first ns[i]), and
+        for sampled rows the distributions they were drawn from."""
+        qs, advanced = [[] for _ in seqs], [0] * len(seqs)  # advanced: draft tokens each grammar state accepted
+        pick = lambda logits, drafts: self._pick(logits, seqs, drafts, qs, grammars, advanced, ns)  # noqa: E731
+        drafts = self.draft_chain(inputs, hidden, n, span, self.cache, pick)
         for i, s in enumerate(seqs):  # back to the committed tokens' state
             if advanced[i]:
                 s.grammar.rollback(advanced[i])
-        return torch.stack(drafts[:n], 1), qs
+        return torch.stack(drafts, 1), qs
 
     def _ids(self, tokens: list[list[int]], width: int) -> torch.Tensor:
         return torch.tensor([row + [0] * (width - len(row)) for row in tokens], device=self.model.device)

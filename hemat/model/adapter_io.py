@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from hemat.model.lora import (LoraConfig, LoraError, LoraExperts, adapter_modules, add_adapters,
                               adapter_state_dict, merge_adapters)
+from hemat.model.moe import RoutedExperts
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -128,7 +129,7 @@ def load_adapter(model, path: str | Path) -> LoraConfig:
     if missing:
         raise LoraError(f"{file} adapts modules this model does not have ({', '.join(missing[:4])}): "
                         f"the adapter was made for another base model")
-    dropout = config.dropout if not any(type(modules[n]).__name__ == "RoutedExperts" for n in names) else 0.0
+    dropout = config.dropout if not any(isinstance(modules[n], RoutedExperts) for n in names) else 0.0
     config = LoraConfig(rank=config.rank, alpha=config.alpha, dropout=dropout, rslora=config.rslora,
                         targets=tuple(names))
     try:

@@ -128,20 +128,27 @@ class ExpertLora(nn.Module):
         b = self.lora_B.weight.view(-1, self.rank, self.n_experts).permute(2, 0, 1)
         return torch.bmm(b, a) * scaling
 
+    def term(self, x: torch.Tensor, expert: int, scaling: float) -> torch.Tensor:
+        """scaling · x · (B_e · A_e)ᵀ for one expert's tokens, through the rank-r factors (in x's dtype)."""
+        a = self.lora_A.weight.view(self.n_experts, self.rank, -1)[expert]
+        b = self.lora_B.weight.view(-1, self.rank, self.n_experts)[:, :, expert]
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+
 
 class LoraExperts(nn.Module):
     """Routed experts (`base_layer`, frozen) with one ExpertLora per stacked weight. The experts run their
     own forward over W + ΔW (torch.func.functional_call), as PEFT's ParamWrapper does; PEFT nests one wrapper
     per parameter, so its names are `experts.base_layer.lora_*` (gate_up_proj) and `experts.lora_*` (down_proj),
-    which adapter_io maps to these modules."""
+    which adapter_io maps to these modules. Over QLoRA's quantized experts the update is not merged: each
+    expert's matmul adds its low-rank term (`low_rank`), so no full-precision stack is formed."""
 
     def __init__(self, base: RoutedExperts, config: LoraConfig):
         super().__init__()
         self.base_layer = base
-        e, two_i, h = base.gate_up_proj.shape
-        device = base.gate_up_proj.device
-        self.gate_up_lora = ExpertLora(e, two_i, h, config, device)
-        self.down_lora = ExpertLora(e, h, two_i // 2, config, device)
+        e, h, i = base.n_experts, base.hidden_size, base.intermediate_size
+        device = next(iter([*base.parameters(), *base.buffers()])).device
+        self.gate_up_lora = ExpertLora(e, 2 * i, h, config, device)
+        self.down_lora = ExpertLora(e, h, i, config, device)
         self.scaling = config.scaling
         self.enabled = True
 
@@ -152,9 +159,15 @@ class LoraExperts(nn.Module):
         return tuple(w + lora.delta(self.scaling).to(w.dtype)
                      for w, lora in zip(base, (self.gate_up_lora, self.down_lora)))
 
+    def low_rank(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        lora = self.gate_up_lora if name == "gate_up_proj" else self.down_lora
+        return lora.term(x, expert, self.scaling)
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(*args, **kwargs)
+        if type(self.base_layer) is not RoutedExperts:  # QLoRA's FrozenQuantizedExperts
+            return self.base_layer(*args, **kwargs, adapter=self.low_rank)
         gate_up, down = self.effective_weights()
         return functional_call(self.base_layer, {"gate_up_proj": gate_up, "down_proj": down}, args, kwargs)
 
@@ -175,11 +188,13 @@ def _linear_types() -> tuple[type, ...]:
 
 
 def decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Candidates for adapters: the modules inside the decoder layers (MTP layers excluded)."""
+    """Candidates for adapters: the modules inside the decoder layers (MTP layers excluded), routed experts
+    as a whole (not the per-expert modules of QLoRA's quantized experts)."""
     n = model.config.num_hidden_layers
     layer = re.compile(r"^model\.layers\.(\d+)\.")
-    return [(name, m) for name, m in model.named_modules()
-            if (hit := layer.match(name)) and int(hit.group(1)) < n]
+    modules = [(name, m) for name, m in model.named_modules() if (hit := layer.match(name)) and int(hit.group(1)) < n]
+    experts = tuple(f"{name}." for name, m in modules if isinstance(m, RoutedExperts))
+    return [(name, m) for name, m in modules if not name.startswith(experts)]
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -210,7 +225,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def _check_rank(name: str, module: nn.Module, rank: int) -> None:
     if isinstance(module, RoutedExperts):
-        smallest = min(module.gate_up_proj.shape[1:] + module.down_proj.shape[1:])
+        smallest = min(module.hidden_size, module.intermediate_size)
     else:
         smallest = min(module.in_features, module.out_features)
     if rank > smallest:

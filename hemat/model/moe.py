@@ -98,6 +98,7 @@ class RoutedExperts(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.hidden_size, self.intermediate_size = e, h, i
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
@@ -105,28 +106,35 @@ class RoutedExperts(nn.Module):
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H], routing weights and expert ids [N, k], counts [E] (tokens per expert, or None) → [N, H]."""
         if counts is None:
-            counts = expert_counts(ids, self.gate_up_proj.shape[0])
+            counts = expert_counts(ids, self.n_experts)
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)
         token_of = order // top_k
-        routed = x[token_of]
-        if routed.is_cuda:
-            expert_out = self.grouped(routed, counts)
-        elif torch.is_autocast_enabled("cpu"):  # F.linear follows autocast; the grouped matmuls would not
-            expert_out = self.looped(routed, counts)
-        else:
-            expert_out = self.grouped_cpu(routed, counts)
+        expert_out = self.sorted_forward(x[token_of], counts)
         expert_out = expert_out * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, expert_out)
+
+    def sorted_forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts over their tokens sorted by expert, by the fastest path of the device."""
+        if routed.is_cuda:
+            return self.grouped(routed, counts)
+        if torch.is_autocast_enabled("cpu"):  # F.linear follows autocast; the grouped matmuls would not
+            return self.looped(routed, counts)
+        return self.grouped_cpu(routed, counts)
 
     def looped(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One matmul per expert over its contiguous block of tokens (the reference for the other paths)."""
         outputs = []
         for expert, chunk in enumerate(routed.split(counts.tolist())):
             if chunk.shape[0]:
-                gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-                outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+                gate, up = self.project(chunk, "gate_up_proj", expert).chunk(2, dim=-1)
+                outputs.append(self.project(F.silu(gate) * up, "down_proj", expert))
         return torch.cat(outputs)
+
+    def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x · W[expert]ᵀ for the stacked weight `name` (the looped path's one read of a weight: QLoRA's frozen
+        quantized experts override it)."""
+        return F.linear(x, getattr(self, name)[expert])
 
     def grouped(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in two grouped GEMMs, with no host sync (the GPU path; CPU has no backward for it).

@@ -1,8 +1,15 @@
 """QLoRA (Dettmers et al., 2023): LoRA over a frozen base whose projections are stored in int8 or int4, applied
 from outside like the adapters themselves: `quantize_base(model, "int4", group_size)` replaces every linear
-layer of the decoder layers by a FrozenQuantizedLinear, one layer at a time (each full-precision weight is freed
-as its layer is swapped, so quantizing needs little more memory than the bf16 model itself: +160 MiB on the
-1.5B shape), and add_adapters then wraps those as it wraps nn.Linear.
+layer of the decoder layers by a FrozenQuantizedLinear and every stack of routed experts by a
+FrozenQuantizedExperts, one module at a time (each full-precision weight is freed as its module is swapped, so
+quantizing needs little more memory than the bf16 model itself: +160 MiB on the 1.5B shape), and add_adapters
+then wraps those as it wraps nn.Linear and RoutedExperts.
+
+Routed experts are quantized expert by expert (int8: a scale per output channel of each expert; int4: per group
+of inputs) and run through RoutedExperts' looped reference path, which reads a weight only through `project`:
+each expert that receives tokens is dequantized alone, in the forward and again in the backward, so no
+full-precision stack of a layer's experts exists during training. Their LoRA (LoraExperts) adds each expert's
+low-rank term to that expert's matmul instead of merging ΔW into the stacks as it does over a bf16 base.
 
 The formats are the inference ones (hemat.infer.quantize's quantizers: int8 with one scale per output channel,
 int4 with a scale and zero point per group of inputs), stored in layouts that dequantize in a few elementwise
@@ -82,6 +89,53 @@ class FrozenQuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}{group}"
 
 
+class FrozenQuantizedExperts(RoutedExperts):
+    """Frozen routed experts: each expert's weight of each stack ([E, out, in]) a FrozenQuantizedLinear of its
+    own (int8: a scale per output channel per expert; int4: a scale and offset per group of inputs). Only the
+    looped reference path runs (RoutedExperts.looped through `project`), so each matmul dequantizes one expert,
+    only for an expert that receives tokens, and again in the backward: no full-precision stack exists in a
+    forward or backward pass. LoraExperts passes its low-rank terms in as `adapter` (W + ΔW is never formed).
+    `gate_up_proj` and `down_proj` are the dequantized stacks, made on request (for the inference forms)."""
+
+    def __init__(self, experts: RoutedExperts, fmt: str, group_size: int):
+        nn.Module.__init__(self)  # not RoutedExperts': its stacked parameters are what this replaces
+        self.n_experts, self.hidden_size = experts.n_experts, experts.hidden_size
+        self.intermediate_size = experts.intermediate_size
+        self.quantized = nn.ModuleDict({
+            name: nn.ModuleList(FrozenQuantizedLinear(w, None, fmt, group_size) for w in getattr(experts, name))
+            for name in ("gate_up_proj", "down_proj")})
+        self.adapter = None  # set for the length of a forward by LoraExperts: (x, name, expert) → low-rank term
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                counts: torch.Tensor | None = None, adapter=None) -> torch.Tensor:
+        self.adapter = adapter
+        try:
+            return super().forward(x, weights, ids, counts)
+        finally:
+            self.adapter = None
+
+    def sorted_forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self.looped(routed, counts)
+
+    def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        out = self.quantized[name][expert](x)
+        return out if self.adapter is None else out + self.adapter(x, name, expert)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return torch.stack([layer.weight for layer in self.quantized["gate_up_proj"]])
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return torch.stack([layer.weight for layer in self.quantized["down_proj"]])
+
+    def extra_repr(self) -> str:
+        layer = self.quantized["down_proj"][0]
+        group = f", group_size={layer.group_size}" if layer.format == "int4" else ""
+        return f"n_experts={self.n_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, " \
+               f"{layer.format}{group}"
+
+
 def check_quantize_settings(fmt: str, group_size: int) -> None:
     """lora.quantize and lora.group_size, the names the errors give."""
     if fmt not in FORMATS:
@@ -93,29 +147,29 @@ def check_quantize_settings(fmt: str, group_size: int) -> None:
 
 def quantize_base(model: nn.Module, fmt: str, group_size: int) -> list[str]:
     """Replace every nn.Linear of the decoder layers (attention, MLA's projections, dense MLPs, shared
-    experts) with a FrozenQuantizedLinear, in place, before adapters are added; embeddings, norms, routers
-    and the output head stay. Routed experts are refused: their stacked weights have no quantized training
-    form yet. → the names replaced."""
+    experts) with a FrozenQuantizedLinear and every stack of routed experts with a FrozenQuantizedExperts, in
+    place, before adapters are added; embeddings, norms, routers and the output head stay. → the names replaced."""
     check_quantize_settings(fmt, group_size)
-    layers = model.model.layers
-    for name, module in layers.named_modules(prefix="model.layers"):
-        if isinstance(module, RoutedExperts):
-            raise QuantizationError(f"lora.quantize cannot quantize {name} ({type(module).__name__}): routed "
-                                    "experts have no quantized training form; use LoRA on a bf16 base for MoE models")
     names = []
-    for name, module in layers.named_modules(prefix="model.layers"):
-        if type(module) is not nn.Linear:
+    for name, module in model.model.layers.named_modules(prefix="model.layers"):
+        if type(module) is nn.Linear:
+            inputs = {name: module.in_features}
+        elif type(module) is RoutedExperts:
+            inputs = {f"{name}.gate_up_proj": module.hidden_size, f"{name}.down_proj": module.intermediate_size}
+        else:
             continue
-        if fmt == "int4" and module.in_features % group_size:
-            raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension "
-                                    f"{module.in_features} of {name} (choose one of {GROUP_SIZES} that does)")
+        for weight, in_features in inputs.items():
+            if fmt == "int4" and in_features % group_size:
+                raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension "
+                                        f"{in_features} of {weight} (choose one of {GROUP_SIZES} that does)")
         names.append(name)
     with torch.no_grad():
-        for name in names:  # by name: no reference to a replaced layer outlives its swap, so its weight is freed
+        for name in names:  # by name: no reference to a replaced module outlives its swap, so its weights are freed
             parent, _, child = name.rpartition(".")
-            linear = model.get_submodule(name)
-            frozen = FrozenQuantizedLinear(linear.weight, linear.bias, fmt, group_size).train(linear.training)
-            setattr(model.get_submodule(parent), child, frozen)
+            module = model.get_submodule(name)
+            frozen = FrozenQuantizedLinear(module.weight, module.bias, fmt, group_size) \
+                if type(module) is nn.Linear else FrozenQuantizedExperts(module, fmt, group_size)
+            setattr(model.get_submodule(parent), child, frozen.train(module.training))
     for p in model.parameters():
         p.requires_grad_(False)
     return names

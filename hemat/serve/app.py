@@ -532,8 +532,9 @@ def add_command(subparsers) -> set[str]:
                    help="MTP draft tokens per round, chained past the MTP depth (default: the depth), or auto: "
                    "per sequence from its running acceptance")
     p.add_argument("--compile-decode", action="store_true",
-                   help="CPU: compile the plain decode step with torch.compile, per batch/length bucket on a "
-                   "background thread (requests decode eagerly until their bucket is ready; needs a C++ compiler)")
+                   help="CPU: compile the decode step (and greedy MTP draft-and-verify rounds) with torch.compile, "
+                   "per batch/length bucket on a background thread (requests decode eagerly until their bucket is "
+                   "ready; needs a C++ compiler)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running streams may take to finish after SIGTERM (default 30)")
     p.set_defaults(func=serve_command)

@@ -1,7 +1,8 @@
 """The `train:` and `data:` sections of a run config: dataclasses with defaults, read from a preset or
 YAML file (hemat.presets.load_run_config) and changed from the command line with
 `--set section.key=value`. Every value is type-checked, and a bad one is reported with its key
-(`train.lr: expected a number, got 'fast'`)."""
+(`train.lr: expected a number, got 'fast'`). A stage's section (sft:, grpo:) holds the stage's own settings
+plus any train: key, which overrides train: for that stage (`sft.lr: 1.0e-4`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -66,30 +67,31 @@ class TrainConfig:
     # testing aid: at these steps the loss is replaced by NaN, to exercise the skip and stop logic
     inject_nan_steps: list[int] = field(default_factory=list)
 
-    def validate(self) -> None:
+    def validate(self, section: str = "train") -> None:
         choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"),
                    "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp"),
                    "device": ("auto", "cpu", "cuda")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigValueError(f"train.{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+                raise ConfigValueError(f"{section}.{key}: expected one of {', '.join(allowed)}, "
+                                       f"got {getattr(self, key)!r}")
         for key in ("steps", "seq_len", "batch_tokens", "micro_batch_size", "loss_chunk_tokens", "eval_tokens",
                     "keep_checkpoints", "max_nonfinite", "ledger_interval"):
             if getattr(self, key) <= 0:
-                raise ConfigValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+                raise ConfigValueError(f"{section}.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_interval", "checkpoint_interval", "num_threads", "grad_clip",
                     "mtp_weight", "bias_update_speed", "balance_loss_alpha", "weight_decay"):
             if getattr(self, key) < 0:
-                raise ConfigValueError(f"train.{key} must not be negative, got {getattr(self, key)}")
+                raise ConfigValueError(f"{section}.{key} must not be negative, got {getattr(self, key)}")
         if self.fp8 and self.device == "cpu":
-            raise ConfigValueError("train.fp8: FP8 training needs a CUDA GPU (block-scaled torch._scaled_mm), "
-                                   "but train.device is 'cpu'")
+            raise ConfigValueError(f"{section}.fp8: FP8 training needs a CUDA GPU (block-scaled torch._scaled_mm), "
+                                   f"but {section}.device is 'cpu'")
         for key in ("lr", "muon_lr", "eps"):
             if getattr(self, key) <= 0:
-                raise ConfigValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+                raise ConfigValueError(f"{section}.{key} must be positive, got {getattr(self, key)}")
         for key in ("min_lr_ratio", "decay_fraction", "beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, key) <= 1:
-                raise ConfigValueError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
+                raise ConfigValueError(f"{section}.{key} must be in [0, 1], got {getattr(self, key)}")
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-steps per optimizer step so that all ranks together process batch_tokens."""
@@ -153,6 +155,19 @@ class LoraSection:
                           targets=tuple(self.targets) or None)
 
 
+@dataclass
+class StageSection:
+    """The base of a fine-tuning stage's section (sft:, grpo:): the stage's own settings, and any train: key but
+    FIXED ones, which overrides train: for this stage. TRAIN_DEFAULTS are the stage's own values for train: keys
+    (a fine-tune wants another LR and length than pretraining), so the section only names what differs."""
+
+    TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    FIXED: ClassVar[tuple[str, ...]] = ()  # train: keys the stage sets itself
+
+    model: str | None = None  # checkpoint to start from, with its tokenizer: a directory or a Hub id
+    data: str | None = None  # the stage's data file; null: the embedded arithmetic problems
+
+
 SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig}
 
 
@@ -163,6 +178,11 @@ class RunConfig:
     data: DataConfig
     sections: dict[str, Any]  # every section built from a schema, by name (train, data, and any extra)
     raw: dict  # the resolved config as a mapping: what `RUN/config.yaml` holds
+    stage_train: dict[str, TrainConfig] = field(default_factory=dict)  # per stage section: train: with its values
+
+    def train_for(self, stage: str) -> TrainConfig:
+        """What `stage` trains with: train: itself (pretrain), or with a stage section's values on top (sft, grpo)."""
+        return self.stage_train.get(stage, self.train)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
@@ -170,7 +190,8 @@ class RunConfig:
 
 def load_config(name_or_path: str | Path, overrides: list[str] = (), schemas: dict[str, type] | None = None) -> RunConfig:
     """A preset name or YAML file plus `section.key=value` overrides → RunConfig. `schemas` adds
-    sections for other stages (e.g. {"sft": SFTConfig}); sections without a schema pass through."""
+    sections for other stages (e.g. {"sft": SFTConfig}, a StageSection whose train: values land in
+    RunConfig.stage_train); sections without a schema pass through."""
     schemas = {**SECTIONS, **(schemas or {})}
     raw = load_run_config(name_or_path)
     source = str(name_or_path)
@@ -189,12 +210,23 @@ def load_config(name_or_path: str | Path, overrides: list[str] = (), schemas: di
     except HematError as e:
         raise ConfigValueError(str(e)) from None
     sections = {name: build_section(cls, raw[name], name, source) for name, cls in schemas.items()}
-    raw.update({name: dataclasses.asdict(value) for name, value in sections.items()})
     train = sections["train"]
     if train.seq_len > model.max_position_embeddings:
         raise ConfigValueError(f"train.seq_len ({train.seq_len}) exceeds model.max_position_embeddings "
                                f"({model.max_position_embeddings})")
-    return RunConfig(model=model, train=train, data=sections["data"], sections=sections, raw=raw)
+    stage_train, stage_raw = {}, {}
+    for name, cls in schemas.items():
+        if issubclass(cls, StageSection):  # the section's train: keys over the stage's defaults over train:
+            keys, own = section_keys(cls), {f.name for f in dataclasses.fields(cls)}
+            values = {**cls.TRAIN_DEFAULTS,
+                      **{k: coerce(v, keys[k], f"{name}.{k}") for k, v in raw[name].items() if k not in own}}
+            stage_train[name] = dataclasses.replace(train, **values)
+            stage_train[name].validate(name)
+            # RUN/config.yaml records the stage's train: values, so a resumed run trains with the same ones
+            stage_raw[name] = {k: v for k, v in values.items() if k not in cls.FIXED}
+    raw.update({name: {**dataclasses.asdict(value), **stage_raw.get(name, {})} for name, value in sections.items()})
+    return RunConfig(model=model, train=train, data=sections["data"], sections=sections, raw=raw,
+                     stage_train=stage_train)
 
 
 def apply_override(raw: dict, item: str, schemas: dict[str, type]) -> None:
@@ -203,17 +235,13 @@ def apply_override(raw: dict, item: str, schemas: dict[str, type]) -> None:
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise ConfigValueError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
-    if section == "model":
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-        hints = typing.get_type_hints(ModelConfig)
-    elif section in schemas:
-        known = {f.name for f in dataclasses.fields(schemas[section])}
-        hints = typing.get_type_hints(schemas[section])
-    else:
+    if section != "model" and section not in schemas:
         raise ConfigValueError(f"override {item!r}: unknown section {section!r}; "
                                f"sections: {', '.join(['model', *schemas])}")
-    if name not in known:
-        raise ConfigValueError(f"override {item!r}: {section} has no key {name!r}; keys: {', '.join(sorted(known))}")
+    hints = section_keys(schemas.get(section, ModelConfig))
+    hints.pop("extra", None)  # ModelConfig's bag of unrecognised HF fields, not a key
+    if name not in hints:
+        raise ConfigValueError(f"override {item!r}: {section} has no key {name!r}; keys: {', '.join(sorted(hints))}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -225,18 +253,29 @@ def apply_override(raw: dict, item: str, schemas: dict[str, type]) -> None:
 
 
 def build_section(cls: type, data: dict, section: str, source: str = "config"):
-    """A section mapping → its dataclass, every value coerced to the field's type; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    """A section mapping → its dataclass, every value coerced to the field's type (a stage section's train: keys
+    are load_config's); unknown keys are errors. A `resolved()` method (derived defaults) runs before `validate()`."""
+    hints = section_keys(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigValueError(f"{source}: unknown key(s) in section {section!r}: {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(names))}")
-    values = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
-    out = cls(**values)
+                               f"known: {', '.join(sorted(hints))}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = cls(**{k: coerce(v, hints[k], f"{section}.{k}") for k, v in data.items() if k in names})
+    if hasattr(out, "resolved"):
+        out = out.resolved()
     if hasattr(out, "validate"):
         out.validate()
     return out
+
+
+def section_keys(cls: type) -> dict[str, Any]:
+    """The keys a section takes, with their types: its fields, and a stage section's train: keys."""
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if issubclass(cls, StageSection):
+        keys.update({k: v for k, v in typing.get_type_hints(TrainConfig).items() if k not in cls.FIXED})
+    return keys
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -42,19 +43,17 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from hemat.errors import HematError
 from hemat.model.lora import adapters_disabled, has_adapters
-from hemat.train.config import ConfigValueError, LoraSection, RunConfig, load_config
+from hemat.train.config import ConfigValueError, LoraSection, RunConfig, StageSection, load_config
 from hemat.train.rewards import (
     Problem, Verdict, embedded_problems, load_problems, overlong_penalty, reward, verify,
 )
-from hemat.train.sft import (
-    DEFAULT_CONFIG, add_stage_arguments, apply_lora, base_dtype, inherit_ledger, resolve_stage_config, stage_name,
-    stage_train_config, starting_checkpoint, tokenizer_files,
-)
+from hemat.train.stage import DEFAULT_CONFIG, FineTune, add_fine_tune_arguments, fine_tune_flags, resolve_config
 
 VARIANTS = {
     "grpo": dict(beta=0.001, scale_rewards=True, loss_aggregation="sequence", dynamic_sampling=False),
@@ -66,17 +65,25 @@ STD_EPS = 1e-4
 
 
 @dataclass
-class GRPOConfig:
-    model: str | None = None  # checkpoint to start from (and the frozen reference); it holds the tokenizer
-    data: str | None = None  # problems JSONL (rewards.load_problems); null: embedded arithmetic problems
+class GRPOConfig(StageSection):
+    """The grpo: section (data: problems JSONL, see rewards.load_problems). Its train: keys override train: for
+    GRPO: micro_batch_size is sequences per forward/backward, eval_interval the steps between held-out checks
+    (0: only at the end). The rollouts set seq_len and batch_tokens, and the policy moves by the policy gradient
+    alone: no MTP loss, no balance loss, and no aux-loss-free bias steps, which would shift the routing (and so
+    the policy) by a rule blind to the reward."""
+
+    TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        steps=60, micro_batch_size=32, lr=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=0.1,
+        weight_decay=0.0, grad_clip=1.0, eval_interval=0, checkpoint_interval=0, keep_checkpoints=2, seed=0,
+        mtp_weight=0.0, balance_loss_alpha=0.0, bias_update_speed=0.0)
+    FIXED: ClassVar[tuple[str, ...]] = ("seq_len", "batch_tokens", "mtp_weight", "balance_loss_alpha",
+                                        "bias_update_speed")
     problems: int = 5000  # embedded: training-side problems in the pool
     problem_seed: int = 1  # embedded: the generator's seed (SFT's default is 0: GRPO sees other problems)
     difficulty: int | list[int] | None = None  # embedded: a level 1-3, a list of levels sharing the pool, null: mixed
-    steps: int = 60  # optimizer steps
     prompts_per_step: int = 16  # groups per rollout
     group_size: int = 8  # G: samples per prompt
     minibatches: int = 1  # optimizer steps per rollout
-    micro_batch_size: int = 32  # sequences per forward/backward
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -92,48 +99,39 @@ class GRPOConfig:
     overlong_penalty: float = 1.0
     format_reward: float = 0.1  # added for <think>…</think> then an answer; the answer itself scores 1
     log_kl: bool = True  # keep the frozen reference to log the KL even when beta is 0
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     eval_problems: int = 0  # greedy accuracy on this many held-out problems (0: off)
     eval_data: str | None = None  # problems JSONL for that check; null: embedded held-out problems
-    eval_interval: int = 0  # steps between those checks (0: only at the end)
     eval_max_tokens: int = 256  # tokens per greedy answer in those checks
-    checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
     speculative: str = "off"  # MTP drafts in the rollouts: off | auto
     code_timeout: float = 5.0  # seconds per sandboxed program (code problems)
     reward_workers: int = 2  # sandboxed programs run at once
-    seed: int = 0
+
+    def resolved(self) -> GRPOConfig:
+        """A copy with the knobs left null set by the variant (VARIANTS; ε_high = ε, and dapo's overlong buffer,
+        a quarter of max_new_tokens)."""
+        overlong = self.max_new_tokens // 4 if self.variant == "dapo" else 0
+        defaults = {"epsilon_high": self.epsilon, "overlong_buffer": overlong, **VARIANTS.get(self.variant, {})}
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def validate(self) -> None:
+        """Checks a resolved() config."""
         if self.variant not in VARIANTS:
             raise ConfigValueError(f"grpo.variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        defaults = {"epsilon_high": self.epsilon, "overlong_buffer": 0, **VARIANTS[self.variant]}
-        if self.variant == "dapo":
-            defaults["overlong_buffer"] = self.max_new_tokens // 4
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        for key in ("steps", "prompts_per_step", "minibatches", "micro_batch_size", "max_new_tokens",
-                    "max_sampling_rounds", "keep_checkpoints", "problems", "reward_workers", "eval_max_tokens"):
+        for key in ("prompts_per_step", "minibatches", "max_new_tokens", "max_sampling_rounds", "problems",
+                    "reward_workers", "eval_max_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigValueError(f"grpo.{key} must be positive, got {getattr(self, key)}")
         if self.group_size < 2:
             raise ConfigValueError(f"grpo.group_size must be at least 2 (advantages compare samples), got {self.group_size}")
-        for key in ("beta", "warmup_steps", "weight_decay", "grad_clip", "eval_problems",
-                    "eval_interval", "checkpoint_interval", "overlong_buffer", "overlong_penalty", "format_reward"):
+        for key in ("beta", "eval_problems", "overlong_buffer", "overlong_penalty", "format_reward"):
             if getattr(self, key) < 0:
                 raise ConfigValueError(f"grpo.{key} must not be negative, got {getattr(self, key)}")
         if not 0 < self.epsilon < 1 or not 0 < self.epsilon_high:
             raise ConfigValueError(f"grpo.epsilon must be in (0, 1) and epsilon_high positive, got "
                                    f"{self.epsilon}, {self.epsilon_high}")
-        if self.lr <= 0 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.code_timeout <= 0:
-            raise ConfigValueError("grpo.lr, grpo.temperature and grpo.code_timeout must be positive and grpo.top_p "
-                                   f"in (0, 1]; got {self.lr}, {self.temperature}, {self.code_timeout}, {self.top_p}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.code_timeout <= 0:
+            raise ConfigValueError("grpo.temperature and grpo.code_timeout must be positive and grpo.top_p in (0, 1]; "
+                                   f"got {self.temperature}, {self.code_timeout}, {self.top_p}")
         if self.loss_aggregation not in AGGREGATIONS:
             raise ConfigValueError(f"grpo.loss_aggregation: expected one of {', '.join(AGGREGATIONS)}, "
                                    f"got {self.loss_aggregation!r}")
@@ -145,6 +143,9 @@ class GRPOConfig:
         levels = self.difficulty if isinstance(self.difficulty, list) else [self.difficulty or 1]
         if not levels or any(level not in (1, 2, 3) for level in levels):
             raise ConfigValueError(f"grpo.difficulty must be 1, 2, 3, a list of them or null, got {self.difficulty}")
+
+
+SCHEMAS = {"grpo": GRPOConfig, "lora": LoraSection}
 
 
 # ---- the objective ----------------------------------------------------------------------------------------
@@ -262,9 +263,9 @@ class RolloutSource:
     log-probabilities to compare against), and queues minibatches × accum micro-batches."""
 
     def __init__(self, model, reference, tokenizer, problems: list[Problem], cfg: GRPOConfig, accum: int, device,
-                 score_fn=None):
+                 score_fn=None, seed: int = 0):
         self.model, self.reference, self.tokenizer, self.problems = model, reference, tokenizer, problems
-        self.cfg, self.accum, self.device = cfg, accum, device
+        self.cfg, self.accum, self.device, self.seed = cfg, accum, device, seed
         self.score_fn = score_fn or self._score
         self.prompt_ids = [prompt_ids(tokenizer, p) for p in problems]
         self.pad_id = tokenizer.pad_token_id or 0
@@ -301,7 +302,7 @@ class RolloutSource:
             epoch, at = divmod(self.cursor, len(self.problems))
             if epoch not in self._orders:
                 order = list(range(len(self.problems)))
-                random.Random(f"hemat-grpo:{self.cfg.seed}:{epoch}").shuffle(order)
+                random.Random(f"hemat-grpo:{self.seed}:{epoch}").shuffle(order)
                 self._orders = {epoch: order}
             picked.append(self._orders[epoch][at])
             self.cursor += 1
@@ -316,7 +317,7 @@ class RolloutSource:
     def _sample(self, indices: list[int]) -> list[list[Sample]]:
         cfg, G = self.cfg, self.cfg.group_size
         first = self.cursor - len(indices)
-        seeds = [(cfg.seed * 1_000_003 + first + j) * G for j in range(len(indices))]
+        seeds = [(self.seed * 1_000_003 + first + j) * G for j in range(len(indices))]
         outputs = generate(self.model, self.tokenizer, [self.prompt_ids[i] for i in indices], cfg.max_new_tokens,
                            G, cfg.temperature, cfg.top_p, seeds, cfg.speculative)
         jobs = [(self.problems[i], out.prompt_token_ids, c) for i, out in zip(indices, outputs) for c in out.outputs]
@@ -347,7 +348,7 @@ class RolloutSource:
             for s, a in zip(group, advantages):
                 s.advantage = a
         samples = [s for g in kept for s in g]
-        random.Random(f"hemat-grpo-mb:{cfg.seed}:{self.rollouts}").shuffle(samples)
+        random.Random(f"hemat-grpo-mb:{self.seed}:{self.rollouts}").shuffle(samples)
         for part in range(cfg.minibatches):
             self.pending.extend(self._micro_batches(samples[part::cfg.minibatches]))
         self.rollouts += 1
@@ -477,7 +478,7 @@ def plot_grpo(records: list[dict], png: str | Path, off_policy: bool) -> None:
 
 # ---- the stage --------------------------------------------------------------------------------------------
 def load_grpo_config(source: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
-    return load_config(source, overrides, schemas={"grpo": GRPOConfig, "lora": LoraSection})
+    return load_config(source, overrides, schemas=SCHEMAS)
 
 
 def load_stage_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -499,84 +500,46 @@ def run_grpo(config: RunConfig, run_dir: str | Path, *, model_dir: str | Path | 
     """Train config.sections["grpo"].model (or model_dir) with GRPO into RUN/checkpoints/step-N/; returns the
     last step's metrics plus `checkpoint`. score_fn(problem, completion_ids, text) -> (Verdict, reward)
     replaces the rule-based rewards (tests, custom tasks)."""
-    from hemat.model.hf import from_pretrained
-    from hemat.tokenizer import load_tokenizer
-    from hemat.train import checkpoint, parallel
-    from hemat.train.loop import Trainer, prepare_process
-
-    cfg: GRPOConfig = config.sections["grpo"]
-    model_dir = starting_checkpoint(model_dir or cfg.model, "grpo")
-    cfg.model = config.raw["grpo"]["model"] = str(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    if not tokenizer.chat_template:
-        raise HematError(f"{model_dir}: the tokenizer has no chat template, which the prompts are rendered with")
-    model = from_pretrained(model_dir, dtype=base_dtype(config))
-    context = model.config.max_position_embeddings
-    problems = [p for p in load_stage_problems(cfg)
-                if len(prompt_ids(tokenizer, p)) + cfg.max_new_tokens <= context]
-    if not problems:
-        raise HematError(f"grpo: no problem's prompt fits the context ({context}) with max_new_tokens "
-                         f"{cfg.max_new_tokens}")
-    longest = max(len(prompt_ids(tokenizer, p)) for p in problems[:1000])
-    per_minibatch = math.ceil(cfg.prompts_per_step * cfg.group_size / cfg.minibatches)
-    accum = math.ceil(per_minibatch / cfg.micro_batch_size)
-    seq_len = min(longest + cfg.max_new_tokens, context)
-    # the policy moves by the policy gradient alone: no MTP loss, no balance loss, and no aux-loss-free
-    # bias steps, which would shift the routing (and so the policy) by a rule blind to the reward
-    train = stage_train_config(
-        config.train, steps=cfg.steps, seq_len=seq_len, micro_batch_size=cfg.micro_batch_size,
-        batch_tokens=cfg.micro_batch_size * seq_len * accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, mtp_weight=0.0, balance_loss_alpha=0.0, bias_update_speed=0.0, eval_interval=0,
-        checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints, seed=cfg.seed)
-    env = prepare_process(train)
-    if env.world_size > 1:
-        raise HematError("grpo runs in one process; launch it without torchrun")
-    try:
-        model.to(env.device)
-        apply_lora(model, config, model_dir)
+    with FineTune("grpo", config, run_dir, model_dir, resume) as stage:
+        cfg, tokenizer = stage.cfg, stage.tokenizer
+        model = stage.load_model()
+        context = model.config.max_position_embeddings
+        problems = [p for p in load_stage_problems(cfg)
+                    if len(prompt_ids(tokenizer, p)) + cfg.max_new_tokens <= context]
+        if not problems:
+            raise HematError(f"grpo: no problem's prompt fits the context ({context}) with max_new_tokens "
+                             f"{cfg.max_new_tokens}")
+        longest = max(len(prompt_ids(tokenizer, p)) for p in problems[:1000])
+        micro_batch_size = stage.train.micro_batch_size
+        accum = math.ceil(math.ceil(cfg.prompts_per_step * cfg.group_size / cfg.minibatches) / micro_batch_size)
+        seq_len = min(longest + cfg.max_new_tokens, context)
+        train = dataclasses.replace(stage.train, seq_len=seq_len, batch_tokens=micro_batch_size * seq_len * accum)
         reference = None
         if cfg.beta > 0 or cfg.log_kl:  # with LoRA, the model itself with its adapters off: no second copy
             reference = model if has_adapters(model) else copy.deepcopy(model).eval().requires_grad_(False)
-        source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, env.device, score_fn)
+        source = RolloutSource(model, reference, tokenizer, problems, cfg, accum, stage.env.device, score_fn,
+                               train.seed)
         held_out = eval_set(cfg)
 
         def step_metrics(step: int) -> dict:
             out = source.take_metrics()
-            if held_out and (step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+            if held_out and (step == train.steps or (train.eval_interval and step % train.eval_interval == 0)):
                 out["eval_accuracy"] = greedy_accuracy(model, tokenizer, held_out, cfg.eval_max_tokens)
             return out
 
-        config.raw["model"] = model.config.to_hf_dict()
-        if not resume:
-            inherit_ledger(model_dir, run_dir)
         on_policy = cfg.minibatches == 1
-        trainer = Trainer(model, train, run_dir, source, stage=stage_name("grpo", run_dir, resume), env=env,
-                          step_metrics=step_metrics,
-                          loss_fn=lambda m, b: grpo_loss(m, b, cfg.epsilon, cfg.epsilon_high, cfg.beta, on_policy,
-                                                         cfg.temperature),
-                          extra_files=tokenizer_files(model_dir), run_config=config.to_yaml())
         print(f"grpo ({cfg.variant}): {len(problems)} problems, {cfg.prompts_per_step} prompts × {cfg.group_size} "
-              f"samples per rollout, {cfg.minibatches} step(s) per rollout, {cfg.steps} steps", flush=True)
-        result = trainer.fit(resume)
-        records = checkpoint.MetricsLog(Path(run_dir) / "metrics.jsonl").records()
-        plot_grpo(records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
-        last = {k: next((r[k] for r in reversed(records) if r.get(k) is not None), None)
-                for k in ("reward", "accuracy", "eval_accuracy")}
-        result.update({k: v for k, v in last.items() if v is not None})
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if v is not None)
-        print(f"grpo step {trainer.step}: {summary}\n{trainer.ledger.format()}\n"
-              f"checkpoint: {result.get('checkpoint')}", flush=True)
+              f"samples per rollout, {cfg.minibatches} step(s) per rollout, {train.steps} steps", flush=True)
+        result = stage.fit(model, source, train=train, step_metrics=step_metrics,
+                           loss_fn=lambda m, b: grpo_loss(m, b, cfg.epsilon, cfg.epsilon_high, cfg.beta, on_policy,
+                                                          cfg.temperature))
+        plot_grpo(stage.records, Path(run_dir) / "grpo.png", off_policy=not on_policy)
         return result
-    finally:
-        parallel.teardown()
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------
 def _grpo_command(args: argparse.Namespace) -> None:
-    if args.variant:
-        args.overrides.append(f"grpo.variant={args.variant}")
-    config = resolve_stage_config(args, "grpo", {"grpo": GRPOConfig, "lora": LoraSection})
+    config = resolve_config(args, {**fine_tune_flags("grpo"), "variant": "grpo.variant"}, SCHEMAS)
     run_grpo(config, args.run, resume=args.resume)
 
 
@@ -590,7 +553,7 @@ def add_command(subparsers) -> set[str]:
                     "grpo.format_reward for <think>…</think> then an answer. Writes RUN/metrics.jsonl (reward, "
                     "accuracy, response length, KL, clip fraction, entropy per step), grpo.png, loss.png, "
                     "ledger.json and checkpoints/step-N/ with the tokenizer.")
-    add_stage_arguments(p, "grpo", "problems JSONL (grpo.data; default: the embedded arithmetic problems)")
+    add_fine_tune_arguments(p, "grpo", "problems JSONL (grpo.data; default: the embedded arithmetic problems)")
     p.add_argument("--variant", choices=tuple(VARIANTS), help="grpo (R1), dr_grpo or dapo (grpo.variant)")
     p.set_defaults(func=_grpo_command)
     return {"grpo"}

@@ -12,31 +12,8 @@ import os
 from pathlib import Path
 
 from hemat.errors import HematError
-from hemat.train.config import RunConfig, load_config
-
-DEFAULT_CONFIG = "cpu-tiny"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """--config (or, when resuming, the run's own config.yaml) + --set overrides + plain flags."""
-    source = args.config
-    if source is None:
-        saved = Path(args.run) / "config.yaml"
-        source = saved if args.resume and saved.is_file() else DEFAULT_CONFIG
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    return load_config(source, overrides)
-
-
-def tokenizer_files(manifest: dict) -> list[Path]:
-    """The tokenizer files the shards were made with, to ship inside every checkpoint."""
-    path = Path(manifest.get("tokenizer", {}).get("path") or "")
-    folder = path.parent if path.is_file() else path
-    return [folder / name for name in TOKENIZER_FILES if str(path) and (folder / name).is_file()]
+from hemat.train.config import RunConfig
+from hemat.train.stage import Stage, add_run_arguments, resolve_config, tokenizer_files
 
 
 def pretrain(config: RunConfig, run_dir: str | Path, resume: str | None = None) -> dict:
@@ -44,15 +21,13 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: str | None = None) 
 
     from hemat.data.loader import TokenLoader
     from hemat.model.transformer import CausalLM
-    from hemat.train import parallel
-    from hemat.train.loop import Trainer, prepare_process
 
     train, data = config.train, config.data
     if not data.path:
         raise HematError("no training data: set data.path in the config or pass --data DIR "
                          "(make shards with `hemat data prepare`)")
-    env = prepare_process(train)
-    try:
+    with Stage("pretrain", config, run_dir, resume) as stage:
+        env = stage.env
         loader = TokenLoader(data.path, data.train_split, train.micro_batch_size, train.seq_len,
                              env.rank, env.world_size, train.seed)
         vocab = loader.manifest.get("vocab_size", 0)
@@ -68,31 +43,10 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: str | None = None) 
             print(f"note: no validation: split {data.val_split!r} of {data.path} is missing or smaller than one batch")
         with torch.device(env.device):
             model = CausalLM(config.model)
-        trainer = Trainer(model, train, run_dir, loader, val_batches=val_batches, bytes_per_token=bytes_per_token,
-                          stage="pretrain", env=env, extra_files=tokenizer_files(loader.manifest),
-                          run_config=config.to_yaml())
-        result = trainer.fit(resume)
-        if env.is_main:
-            print(_summary(result, trainer), flush=True)
-        return result
-    finally:
-        parallel.teardown()
-
-
-def _summary(result: dict, trainer) -> str:
-    lines = []
-    if result.get("stopped_by"):
-        lines.append(f"stopped by {result['stopped_by']} at step {trainer.step}")
-    loss = f"loss {result['loss']:.4f}" if result.get("loss") is not None else "loss n/a"
-    if result.get("val_loss") is not None:
-        loss += f", val loss {result['val_loss']:.4f}"
-    if result.get("val_bpb") is not None:
-        loss += f", {result['val_bpb']:.3f} bits/byte"
-    lines.append(f"step {trainer.step}: {loss}")
-    lines.append(trainer.ledger.format())
-    if result.get("checkpoint"):
-        lines.append(f"checkpoint: {result['checkpoint']}")
-    return "\n".join(lines)
+        made_with = loader.manifest.get("tokenizer", {}).get("path")  # the tokenizer's folder or its tokenizer.json
+        folder = Path(made_with).parent if made_with and Path(made_with).is_file() else made_with
+        return stage.fit(model, loader, val_batches=val_batches, bytes_per_token=bytes_per_token,
+                         extra_files=tokenizer_files(folder) if folder else ())
 
 
 def run_pretrain(args: argparse.Namespace) -> int | None:
@@ -100,7 +54,7 @@ def run_pretrain(args: argparse.Namespace) -> int | None:
         from hemat.train.parallel import launch
 
         launch(args.nproc, _argv_without_nproc(args))
-    config = resolve_config(args)
+    config = resolve_config(args, {"data": "data.path", "steps": "train.steps"})
     pretrain(config, args.run, args.resume)
     return None
 
@@ -127,16 +81,8 @@ def add_command(subparsers) -> set[str]:
                     "sections). Writes RUN/config.yaml, metrics.jsonl, ledger.json, loss.png and "
                     "checkpoints/step-N/ (Hugging Face format + trainer_state/). SIGTERM or Ctrl-C saves a "
                     "checkpoint and exits; --resume continues exactly where a checkpoint left off.")
-    p.add_argument("--config", default=None, help=f"preset name or YAML run config (default {DEFAULT_CONFIG}; "
-                                                   "with --resume, the run's own config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--run-dir", dest="run", default="runs/pretrain", metavar="DIR",
-                   help="run directory (default runs/pretrain)")
+    add_run_arguments(p, "train", "runs/pretrain")
     p.add_argument("--data", metavar="DIR", help="token shard directory from `hemat data prepare` (data.path)")
-    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from the run's newest checkpoint, or from CHECKPOINT (a step-N directory)")
     p.add_argument("--nproc", type=int, metavar="N", help="run N processes through torchrun (DDP or FSDP2)")
     p.set_defaults(func=run_pretrain)
     return {"pretrain"}
