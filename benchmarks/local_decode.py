@@ -73,13 +73,12 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: in
         return generate, sum(p.numel() * p.element_size() for p in model.parameters())
     import hemat
     from hemat.infer.engine import Engine
-    from hemat.infer.quantize import prepare_for_inference
+    from hemat.infer.quantize import load_for_inference
     from hemat.infer.sampling import SamplingParams
 
     dtype = "bfloat16" if fmt == "bf16" else "float32"
     compile_decode = row.endswith("+compile")
-    model = prepare_for_inference(hemat.from_pretrained(path, dtype=dtype), fmt if fmt.startswith("int") else None,
-                                  group_size)
+    model = load_for_inference(path, fmt if fmt.startswith("int") else None, group_size, dtype=dtype)
     engines = {}
 
     def generate(prompts: torch.Tensor, new_tokens: int) -> None:
@@ -222,7 +221,7 @@ def main() -> None:
         print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
               f"{r['weight_bytes'] / 1e9:.3f} | {ceiling:.1f} |")
     print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {args.threads} threads); ceiling = bandwidth / "
-          "weight bytes. RSS after the run; its peak includes loading the unquantized checkpoint before quantizing.")
+          "weight bytes. RSS after the run; its peak includes loading (int8/int4 quantized while loading).")
 
 
 if __name__ == "__main__":

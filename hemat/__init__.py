@@ -2,7 +2,8 @@
 
 Python API: `from_pretrained(path_or_hub_id, device=None, dtype=None)`, `model.save_pretrained(path,
 format=None|"bf16"|"fp32"|"fp8"|"int8"|"int4")`, `load_tokenizer(path_or_hub_id)`,
-`prepare_for_inference(model, weights=None|"int8"|"int4", group_size=128)`, `Engine(model, tokenizer, ...)`."""
+`prepare_for_inference(model, weights=None|"int8"|"int4", group_size=128)`, `load_for_inference(path_or_hub_id,
+quantize=None|"int8"|"int4", group_size=128)` (quantized while it loads), `Engine(model, tokenizer, ...)`."""
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ _LAZY = {
     "load_tokenizer": "hemat.tokenizer",
     "Engine": "hemat.infer.engine",
     "prepare_for_inference": "hemat.infer.quantize",
+    "load_for_inference": "hemat.infer.quantize",
 }
 
 

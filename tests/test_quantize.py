@@ -5,7 +5,9 @@ MLA), whole models against the fp32 reference, the engine over prepared models, 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from hemat.infer import quantize
 from hemat.infer.cache import PagedCache
 from hemat.infer.engine import Engine
 from hemat.infer.quantize import (
@@ -15,13 +17,16 @@ from hemat.infer.quantize import (
     InferenceExperts,
     Int4Linear,
     Int8Linear,
+    PackedEmbedding,
     QuantizationError,
+    load_for_inference,
     prepare_for_inference,
     quantize_int4,
-    unpack_int4,
+    unpack_int4_t,
 )
 from hemat.infer.sampling import SamplingParams
 from hemat.model.config import ModelConfig
+from hemat.model.hf import from_pretrained
 from hemat.model.transformer import CausalLM
 
 
@@ -66,11 +71,58 @@ def test_packed_linears_match_their_dequantized_weights(rows):
         assert (module.dequantized() - weight).abs().max() <= step * weight.abs().max()
 
 
+def test_dense_path_matches_the_packed_kernels_tile_by_tile(monkeypatch):
+    """From dense_rows rows on, the weight is dequantized a tile at a time (tiles made small here: several,
+    the last holding int4's partial block of 16 outputs) and multiplied densely: the kernels' numbers."""
+    monkeypatch.setattr(quantize, "DENSE_TILE", 64 * 128)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(208, 128) * 0.05, torch.randn(208)
+    x = torch.randn(130, 128)
+    for module in (Int8Linear(weight, bias), Int4Linear(weight, bias, 32)):
+        assert x.shape[0] >= module.dense_rows
+        got, expected = module(x), kernel_reference(module, x)
+        packed = module.packed(x.bfloat16()).float() + bias
+        assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+        assert (got - packed).abs().max() <= 1e-2 * expected.abs().max()
+    assert torch.equal(module.dequantized_t(torch.float32, 192, 208), module.dequantized()[192:].t())
+
+
+@pytest.mark.parametrize("weights,tied", [("int8", True), ("int4", True), ("int4", False)])
+def test_quantized_models_read_the_embedding_from_packed_rows(weights, tied):
+    model = model_of(llama_config(vocab_size=128, tie_word_embeddings=tied))  # 128: whole int4 blocks of 64
+    prepared = prepare_for_inference(model, weights, group_size=32)
+    embedding, reference = prepared.model.embed_tokens, model.model.embed_tokens.weight
+    assert isinstance(embedding, PackedEmbedding) and isinstance(model.model.embed_tokens, nn.Embedding)
+    # a tied head's values serve both (one copy); an untied model's embedding gets int8 rows of its own
+    assert (embedding.linear is prepared.lm_head) == tied
+    assert isinstance(embedding.linear, Int4Linear if weights == "int4" and tied else Int8Linear)
+    ids = torch.tensor([[0, 5, 95], [3, 127, 64]])
+    got = embedding(ids)
+    assert got.dtype == reference.dtype and got.shape == (2, 3, 64)
+    assert torch.allclose(got, embedding.dequantized()[ids], rtol=0, atol=1e-6)
+    levels = 15 if isinstance(embedding.linear, Int4Linear) else 127  # a step: the row's range over its levels
+    assert ((got - reference[ids]).abs() <= 2 * reference[ids].abs().amax(-1, keepdim=True) / levels).all()
+
+
+@pytest.mark.parametrize("weights,config", [("int8", llama_config()), ("int4", llama_config()),
+                                            ("int4", mla_config())])
+def test_quantizing_while_loading_gives_the_logits_of_quantizing_after(tmp_path, weights, config):
+    model_of(config).save_pretrained(tmp_path)
+    loaded = load_for_inference(tmp_path, weights, group_size=32)
+    after = prepare_for_inference(from_pretrained(tmp_path), weights, group_size=32)
+    # no full-precision projection or embedding is left
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in loaded.modules())
+    assert (loaded.weight_format, loaded.weight_bytes) == (after.weight_format, after.weight_bytes)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), after(ids))
+
+
 def test_int4_unpack_reads_the_packed_layout_back():
     for out_features in (16, 48, 64, 112, 192):  # whole 64-row blocks, a remainder block, both
         q = torch.randint(0, 16, (out_features, 64), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        assert torch.equal(unpack_int4(packed, out_features, 64).int(), q)
+        assert torch.equal(unpack_int4_t(packed, out_features, 64).t().int(), q)
 
 
 def test_int4_quantizer_is_min_max_per_group_with_exact_zero():
@@ -176,7 +228,7 @@ def test_bad_formats_and_group_sizes_are_named():
     with pytest.raises(QuantizationError, match="group size must be one of"):
         prepare_for_inference(model, "int4", group_size=48)
     with pytest.raises(QuantizationError, match=r"group size 128 does not divide the input dimension 64 of "
-                                                r"model.layers.0.self_attn.q_proj"):
+                                                r"lm_head"):  # the tied head, made first from the embedding
         prepare_for_inference(model, "int4", group_size=128)
     int8 = prepare_for_inference(model, "int8")
     assert prepare_for_inference(int8, "int8") is int8

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import hemat
 from hemat.cli import main
 from hemat.errors import HematError
-from hemat.infer.quantize import Int4Linear, Int8Linear, prepare_loaded
+from hemat.infer.quantize import Int4Linear, Int8Linear, load_for_inference, prepare_loaded
 from hemat.model.config import ModelConfig
 from hemat.model.pack_quantized import pack_int32, unpack_int32
 from hemat.model.transformer import CausalLM
@@ -67,13 +67,16 @@ def test_quantize_writes_pack_quantized_that_hemat_reads_back_exactly(tmp_path, 
     kind = Int8Linear if fmt == "int8" else Int4Linear
     pairs = [(a, b) for (name, a), b in zip(direct.named_modules(), from_disk.modules())
              if isinstance(a, kind) and not name.endswith(("self_attn.q_proj", "self_attn.o_proj"))]
-    assert len(pairs) == 2 + 2 * (1 + 4 + 1) + 1  # MLA down projections, dense + expert + shared MLPs, head
+    # MLA down projections, dense + expert + shared MLPs, head, and in int8 the embedding's rows
+    assert len(pairs) == 2 + 2 * (1 + 4 + 1) + 1 + (fmt == "int8")
     assert all(torch.allclose(a.dequantized(), b.dequantized(), rtol=0, atol=1e-6) for a, b in pairs)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = direct(ids)
         tolerance = 0.05 if fmt == "int8" else 0.3  # int4 of random weights, rounded twice in MLA
         assert (from_disk(ids) - expected).abs().max() <= tolerance * expected.abs().max()
+        # quantized again while loading, in the stored format by default: the same model
+        assert torch.equal(load_for_inference(tmp_path / "q")(ids), from_disk(ids))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -349,14 +349,12 @@ def _settings_from_args(args: argparse.Namespace) -> EvalSettings:
 def _eval_command(args: argparse.Namespace) -> None:
     settings = _settings_from_args(args)
     specs = parse_task_specs(args.tasks)
-    from hemat.infer.quantize import prepare_loaded
-    from hemat.model.hf import from_pretrained
+    from hemat.infer.quantize import load_for_inference
     from hemat.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     model_dir = resolve_model_source(args.model)
-    model = prepare_loaded(from_pretrained(model_dir, device=args.device, dtype=args.dtype), args.quantize,
-                           args.group_size)
+    model = load_for_inference(model_dir, args.quantize, args.group_size, args.device, args.dtype)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise HematError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "

@@ -105,16 +105,11 @@ def _load_engine(args):
 
     import hemat
     from hemat.infer.engine import Engine
-    from hemat.infer.quantize import prepare_loaded
+    from hemat.infer.quantize import load_for_inference
 
     model_dir = resolve_model_source(args.model)
     device = args.device or ("cpu" if args.quantize or not torch.cuda.is_available() else "cuda")
-    model = hemat.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    if args.lora:  # prepare_for_inference folds it into the weights: no cost per token
-        from hemat.model.adapter_io import load_adapter
-
-        load_adapter(model, args.lora)
-    model = prepare_loaded(model, args.quantize, args.group_size)
+    model = load_for_inference(model_dir, args.quantize, args.group_size, device, args.dtype, args.lora)
     tokenizer = hemat.load_tokenizer(model_dir)
     context = model.config.max_position_embeddings
     params = _sampling_params(args, model_dir)

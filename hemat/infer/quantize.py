@@ -1,7 +1,7 @@
 """Inference forms of a built model, applied from outside as module swaps (the way torchao's `quantize_`
 and PEFT's adapters are applied): `prepare_for_inference(model, weights)` returns a model whose
 projections are replaced by their inference forms, leaving the reference model untouched (it shares
-the modules no form replaces: embeddings, norms, routers). A swap is a pure function of the weights at
+the modules no form replaces: norms, routers, an fp embedding). A swap is a pure function of the weights at
 the time it is applied, so training never sees these forms and nothing has to be invalidated.
 
 The forms, by weight format:
@@ -11,7 +11,11 @@ The forms, by weight format:
 - "int8": weight-only, symmetric, one scale per output channel (PyTorch's `_weight_int8pack_mm`).
 - "int4": weight-only, asymmetric, one scale and zero point per group of `group_size` inputs
   (PyTorch's `_weight_int4pack_mm_for_cpu`, the tinygemm layout: w = (q - 8) · scale + zero).
-Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32.
+Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32. They are
+fast for a few rows (decode); from a measured row count on (prefill, eval, batched decode), the weight is
+dequantized a tile at a time for a dense bf16 matmul instead. An int8/int4 model's embedding is read from
+packed rows (PackedEmbedding: a tied head's, else int8 rows of its own). `load_for_inference` quantizes a
+checkpoint while it loads, unit by unit, so that the full-precision model never exists whole.
 
 Every layout also gets the structural inference forms: the SwiGLU gate and up projections as one
 matrix (FusedMLP), routed experts as one FusedMLP per expert, and MLA with W_UK folded into the query
@@ -21,6 +25,8 @@ projection and W_UV into o_proj where that at most doubles them (FoldedMLA), so 
 from __future__ import annotations
 
 import copy
+import ctypes
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,8 @@ from torch import nn
 
 from hemat.errors import HematError
 from hemat.model.dense import MLP
+from hemat.model.hf import from_pretrained, read_checkpoint_config, stored_quantization, units
+from hemat.model.hub import resolve_model_source
 from hemat.model.lora import LoraExperts, LoraLinear
 from hemat.model.mla import MLAttention, attend_latent
 from hemat.model.moe import RoutedExperts
@@ -37,6 +45,8 @@ FORMATS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel takes
 INT8_ALIGN = 16  # the int8 kernel's row length must be a multiple of this (see Int8Linear)
 KERNEL_ROWS = 16  # the packed kernels are fast for a few rows and slow for many: longer inputs run in chunks
+DENSE_TILE = 1 << 18  # elements of the weight dequantized at a time by the dense path (see PackedLinear.dense)
+QUANTIZE_CHUNK = 1 << 20  # weights are quantized this many elements at a time: small temporaries
 COPY_BUDGET_BYTES = 1 << 30  # transposed fp copies of one model, at most
 COMPUTE_DTYPE = torch.bfloat16  # the packed kernels' activation dtype (their fp32 paths are ~10x slower)
 
@@ -65,6 +75,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.view(out_features, in_features).to(torch.uint8), scale, zero_point.to(torch.uint8)
 
 
+def row_chunks(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """weight [out, in] split into blocks of about QUANTIZE_CHUNK elements, whole rows, a multiple of 64 of
+    them (int4's packed blocks)."""
+    return weight.detach().split(max(1, QUANTIZE_CHUNK // weight.shape[1] // 64) * 64)
+
+
 # ---- linear forms: each has in_features, out_features, forward and dequantized() -----------------------
 class DenseLinear(nn.Module):
     """y = x · W + b over a contiguous [in, out] copy of the weight."""
@@ -84,7 +100,10 @@ class DenseLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """Shared by the packed forms: bf16 activations through `kernel`, KERNEL_ROWS rows per call."""
+    """Shared by the packed forms: bf16 activations through `kernel`, KERNEL_ROWS rows per call, or from
+    `dense_rows` rows on (prefill, eval, batched decode) through the weight dequantized tile by tile and a
+    dense bf16 matmul: each form's `dense_rows` is where that was measured faster on a 2-core Xeon with AMX
+    (benchmarks/quantized_rows.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -92,23 +111,36 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        if rows.shape[0] <= KERNEL_ROWS:
-            y = self.kernel(rows)
-        else:
-            y = torch.cat([self.kernel(chunk) for chunk in rows.split(KERNEL_ROWS)])
+        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        y = self.dense(rows) if rows.shape[0] >= self.dense_rows else self.packed(rows.contiguous())
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def packed(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= KERNEL_ROWS:
+            return self.kernel(rows)
+        return torch.cat([self.kernel(chunk) for chunk in rows.split(KERNEL_ROWS)])
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows times the dequantized weight, a tile of DENSE_TILE elements at a time (whole rows, a multiple
+        of 64 of them: int4's blocks): a small tile is reused from the heap and stays in cache, where a fresh
+        dequantized copy of a whole large weight costs more in page faults than the matmul itself."""
+        step = max(1, DENSE_TILE // self.in_features // 64) * 64
+        tiles = [self.dense_tile(rows, start, min(start + step, self.out_features))
+                 for start in range(0, self.out_features, step)]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
 
 class Int8Linear(PackedLinear):
+    dense_rows = 24
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias)
-        q, scale = quantize_int8(weight)
+        q, scale = (torch.cat(parts) for parts in zip(*map(quantize_int8, row_chunks(weight))))
         # `_weight_int8pack_mm` reads past the end of rows whose length is not a multiple of 16 when it is
         # given several rows (a segfault in torch 2.13 on CPU): zero columns pad the inputs to the next multiple
         self.pad = -self.in_features % INT8_ALIGN
-        self.register_buffer("weight", F.pad(q, (0, self.pad)))
+        self.register_buffer("weight", F.pad(q, (0, self.pad)) if self.pad else q)
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
@@ -116,46 +148,96 @@ class Int8Linear(PackedLinear):
             rows = F.pad(rows, (0, self.pad))
         return torch._weight_int8pack_mm(rows, self.weight, self.scale)
 
+    def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The int8 values are exact in bf16; the scales apply to the output columns."""
+        return F.linear(rows, self.weight[start:stop, :self.in_features].to(rows.dtype)) * self.scale[start:stop]
+
     def dequantized(self) -> torch.Tensor:
         return self.weight[:, :self.in_features].float() * self.scale.float()[:, None]
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [n] of the dequantized weight → [n, in] in dtype."""
+        return (self.weight[ids, :self.in_features].float() * self.scale[ids, None].float()).to(dtype)
+
 
 class Int4Linear(PackedLinear):
+    dense_rows = 80
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
         super().__init__(weight, bias)
         self.group_size = group_size
-        q, scale, zero_point = quantize_int4(weight, group_size)
-        self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
-        # tinygemm's form: w = (q - 8) · scale + zero, zero = (8 - zero_point) · scale; [in/g, out, 2]
+        packed, scales_and_zeros = zip(*(self.pack(chunk) for chunk in row_chunks(weight)))
+        self.register_buffer("weight_packed", torch.cat(packed))
+        self.register_buffer("scales_and_zeros", torch.cat(scales_and_zeros, dim=1))
+
+    def pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the weight (a multiple of 64 but the last: the packed layout's blocks) → their packed
+        values and tinygemm's [in/g, rows, 2] (scale, zero), w = (q - 8) · scale + zero."""
+        q, scale, zero_point = quantize_int4(weight, self.group_size)
         zero = (8 - zero_point.float()) * scale
-        self.register_buffer("scales_and_zeros", torch.stack((scale, zero), dim=-1).transpose(0, 1)
-                             .contiguous().to(COMPUTE_DTYPE))
+        return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1),
+                torch.stack((scale, zero), dim=-1).transpose(0, 1).to(COMPUTE_DTYPE))
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_packed, self.group_size,
                                                           self.scales_and_zeros)
 
+    def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return rows @ self.dequantized_t(rows.dtype, start, stop)
+
+    def dequantized_t(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output rows start:stop of the weight (start a multiple of 64), transposed to [in, rows], in
+        `dtype`: q · scale + (zero - 8 · scale) per group."""
+        stop = self.out_features if stop is None else stop
+        q = unpack_int4_t(self.weight_packed[start:stop], stop - start, self.in_features).to(dtype)
+        scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [in/g, rows] each
+        offset = (zero - 8 * scale).to(dtype)
+        w = torch.addcmul(offset[:, None], q.view(len(scale), self.group_size, -1), scale.to(dtype)[:, None])
+        return w.view(self.in_features, stop - start)
+
     def dequantized(self) -> torch.Tensor:
-        q = unpack_int4(self.weight_packed, self.out_features, self.in_features).float()
-        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, in/g] each
-        g = self.group_size
-        return ((q.view(self.out_features, -1, g) - 8) * scale[..., None] + zero[..., None]).flatten(1)
+        return self.dequantized_t(torch.float32).t()
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [n] of the dequantized weight → [n, in] in dtype, out a multiple of 64 (whole packed
+        blocks, see unpack_int4_t): row o is in block o // 64, byte column o % 32, high nibble if o % 64 >= 32."""
+        packed = self.weight_packed.view(-1, self.in_features, 32)[ids // 64, :, ids % 32]  # [n, in]
+        q = (packed >> (ids // 32 % 2 * 4)[:, None]) & 15
+        scale, zero = self.scales_and_zeros[:, ids].float().unbind(-1)  # [in/g, n] each
+        w = (q.float().view(len(ids), -1, self.group_size) - 8) * scale.t()[..., None] + zero.t()[..., None]
+        return w.view(len(ids), self.in_features).to(dtype)
 
 
-def unpack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The 0..15 values [out, in] of `_convert_weight_to_int4pack_for_cpu`'s layout: rows in blocks of 64,
-    byte [c, j] of a block holding rows j (low nibble) and j + 32 (high) of input c; the last
-    out % 64 rows as one block whose byte [c, j] holds rows 2j (low) and 2j + 1 (high)."""
+def unpack_int4_t(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The 0..15 values of `_convert_weight_to_int4pack_for_cpu`'s layout, transposed: [in, out]. Rows
+    come in blocks of 64, byte [c, j] of a block holding rows j (low nibble) and j + 32 (high) of input c;
+    the last out % 64 rows as one block whose byte [c, j] holds rows 2j (low) and 2j + 1 (high)."""
     full = out_features // 64 * 64
     parts = []
     if full:
-        block = packed[:full].reshape(full // 64, in_features, 32)
-        parts.append(torch.cat((block & 15, block >> 4), dim=-1).transpose(1, 2).reshape(full, in_features))
+        block = packed[:full].view(full // 64, in_features, 32).transpose(0, 1)  # [in, out / 64, 32]
+        parts.append(torch.cat((block & 15, block >> 4), dim=-1).view(in_features, full))
     rest = out_features - full
     if rest:
-        block = packed[full:].reshape(in_features, rest // 2)
-        parts.append(torch.stack((block & 15, block >> 4), dim=-1).reshape(in_features, rest).t())
-    return torch.cat(parts)
+        block = packed[full:].view(in_features, rest // 2)
+        parts.append(torch.stack((block & 15, block >> 4), dim=-1).view(in_features, rest))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding read from the rows of a packed linear, dequantized on lookup to `dtype`: a tied head's
+    (one copy of the values for both), or an Int8Linear made of the embedding's weight. A lookup gathers
+    a few rows, so this costs nothing next to the projections."""
+
+    def __init__(self, linear: PackedLinear, dtype: torch.dtype):
+        super().__init__()
+        self.linear, self.dtype, self.embedding_dim = linear, dtype, linear.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear.rows(ids.flatten(), self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.linear.dequantized()
 
 
 # ---- structural forms ----------------------------------------------------------------------------------
@@ -282,12 +364,42 @@ def stack_dense(experts: list[FusedMLP]) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- the swap ------------------------------------------------------------------------------------------
 class _Builder:
-    """Makes the linear forms of one prepare_for_inference call; keeps the fp copies within the budget."""
+    """Makes the inference forms of one model, unit by unit (hf.units: the embedding first, then each layer,
+    the norm, an untied head); keeps the fp copies within the budget."""
 
-    def __init__(self, weights: str | None, group_size: int, fold_mla: bool = True):
-        self.weights, self.group_size, self.fold_mla = weights, group_size, fold_mla
+    def __init__(self, weights: str | None, group_size: int, tied: bool, fold_mla: bool = True):
+        self.weights, self.group_size, self.tied, self.fold_mla = weights, group_size, tied, fold_mla
         self.copied = 0
         self.fallbacks: list[str] = []
+        self.tied_head: nn.Module | None = None
+
+    def unit(self, name: str, module: nn.Module) -> nn.Module:
+        """The inference form of one unit, which may be changed in place (a copy's, or one being loaded). A
+        tied head gets its own form, made from the embedding; an int8/int4 model's embedding reads the rows
+        of its tied head, or else (or when int4 blocks do not tile the vocabulary) of int8 rows of its own."""
+        if name != "model.embed_tokens":
+            form = self.form(name, module)
+            if form is None:
+                _swap(module, f"{name}.", self)
+            return form or module
+        if self.tied and self.fits(module.weight):
+            self.tied_head = self.linear("lm_head", module.weight)
+        if self.weights is None:
+            return module
+        head = self.tied_head
+        if not (isinstance(head, Int8Linear) or isinstance(head, Int4Linear) and head.out_features % 64 == 0):
+            head = Int8Linear(module.weight, None)
+        return PackedEmbedding(head, module.weight.dtype)
+
+    def finish(self, model):
+        """The prepared model, with its tied head, `weight_format` and `weight_bytes`."""
+        if self.tied:
+            model.lm_head = self.tied_head
+        if self.fallbacks:
+            print(f"hemat: int4 needs outputs in multiples of 16; int8 instead for {', '.join(self.fallbacks)}")
+        model.weight_format = self.weights or str(model.dtype).removeprefix("torch.")
+        model.weight_bytes = weight_bytes(model)
+        return model
 
     def fits(self, *tensors: torch.Tensor) -> bool:
         """For the fp layout: whether copies of these tensors fit the budget (and count them if so)."""
@@ -364,31 +476,71 @@ def prepare_for_inference(model, weights: str | None = None, group_size: int = 1
     that is already prepared comes back as it is when `weights` agrees. fold_mla=False keeps W_UK and
     W_UV apart from the query and output projections (adapters.py adds per-row updates to each).
     → the prepared model, with `weight_format` ("int8", "int4" or its dtype's name) and `weight_bytes`."""
-    if weights is not None and weights not in FORMATS:
-        raise QuantizationError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
-    if weights == "int4" and group_size not in GROUP_SIZES:
-        raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    _check_format(weights, group_size)
     prepared = getattr(model, "weight_format", None)
     if prepared is not None:
         if weights in (None, prepared):
             return model
         raise QuantizationError(f"this model is already prepared with {prepared} weights; "
                                 f"start from the unquantized model to make {weights} weights")
-    if weights is not None and model.device.type != "cpu":
-        raise QuantizationError(f"int8/int4 weights have packed kernels on CPU only in hemat for now; "
-                                f"the model is on {model.device} (load it with --device cpu)")
-    builder = _Builder(weights, group_size, fold_mla)
+    _check_device(weights, model.device)
+    builder = _Builder(weights, group_size, model.lm_head is None, fold_mla)
     out = _shell_copy(model)
     with torch.no_grad():
-        _swap(out, "", builder)
-        if out.lm_head is None:  # tied: the head gets its own inference form; the embedding stays
-            out.lm_head = builder.linear("lm_head", model.model.embed_tokens.weight) \
-                if builder.fits(model.model.embed_tokens.weight) else None
-    if builder.fallbacks:
-        print(f"hemat: int4 needs outputs in multiples of 16; int8 instead for {', '.join(builder.fallbacks)}")
-    out.weight_format = weights or str(model.dtype).removeprefix("torch.")
-    out.weight_bytes = weight_bytes(out)
-    return out
+        for name, unit in units(out):
+            out.set_submodule(name, builder.unit(name, unit))
+    return builder.finish(out)
+
+
+def load_for_inference(source, quantize: str | None = None, group_size: int = 128, device=None, dtype=None,
+                       lora=None):
+    """A checkpoint (see hf.from_pretrained) prepared for inference in `quantize`, by default in the
+    int8/int4 format it was stored in, else in its dtype. A checkpoint directory is quantized while it
+    loads, unit by unit, so that its full-precision form never exists whole; a LoRA adapter to merge
+    (`lora`, a directory), a .gguf file or the dtype's forms load the model whole first."""
+    path = Path(source) if str(source).lower().endswith(".gguf") else resolve_model_source(source)
+    stored = stored_quantization(path)
+    if quantize is None and stored is not None:
+        quantize, group_size = stored[0], stored[1] or group_size
+    _check_format(quantize, group_size)
+    if quantize is None or lora is not None or not (path / "config.json").is_file():
+        prepared = prepare_for_inference(_load_whole(path, device, dtype, lora), quantize, group_size)
+    else:
+        _check_device(quantize, torch.device(device or "cpu"))
+        builder = _Builder(quantize, group_size, read_checkpoint_config(path).tie_word_embeddings)
+        prepared = builder.finish(from_pretrained(path, device=device, dtype=dtype, prepare=builder.unit))
+    _release_freed_heap()  # the full-precision tensors replaced are free by now
+    return prepared
+
+
+def _load_whole(path: Path, device, dtype, lora):
+    from hemat.model.adapter_io import load_adapter
+
+    model = from_pretrained(path, device=device, dtype=dtype)
+    if lora is not None:  # prepare_for_inference folds it into the weights: no cost per token
+        load_adapter(model, lora)
+    return model
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap memory that loading freed back to the system: glibc keeps freed blocks under 32 MB
+    (the quantizers' temporaries) for reuse, and they would stay resident for the life of the process."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
+
+
+def _check_format(weights: str | None, group_size: int) -> None:
+    if weights is not None and weights not in FORMATS:
+        raise QuantizationError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
+    if weights == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+
+
+def _check_device(weights: str | None, device: torch.device) -> None:
+    if weights is not None and device.type != "cpu":
+        raise QuantizationError(f"int8/int4 weights have packed kernels on CPU only in hemat for now; "
+                                f"the model is on {device} (load it with --device cpu)")
 
 
 def _shell_copy(module: nn.Module) -> nn.Module:
@@ -433,7 +585,8 @@ def add_quantize_arguments(parser) -> None:
 
 def prepare_loaded(model, quantize: str | None, group_size: int = 128, fold_mla: bool = True):
     """A model from from_pretrained prepared for inference in `quantize`, or by default in the int8/int4
-    format its checkpoint was stored in (model.quantization), else in its dtype."""
+    format its checkpoint was stored in (model.quantization), else in its dtype (see load_for_inference,
+    which quantizes while loading)."""
     stored = getattr(model, "quantization", None)
     if quantize is None and stored is not None:
         quantize, group_size = stored["format"], stored["group_size"] or group_size

@@ -86,29 +86,31 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_file(path / "config.json")
 
 
-def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
+def from_pretrained(source: str | Path, device=None, dtype=None, prepare=None) -> CausalLM:
     """Load a checkpoint directory (hemat's, any Hugging Face one, DeepSeek's FP8 ones dequantised), a
     .gguf file (through hemat.model.gguf_io) or a Hub id `org/name[@revision]`. dtype defaults to the
-    one in config.json (float32 if none); the router stays in float32 whatever the dtype. Tensors are
-    read one at a time into the model built in its final dtype, so loading needs little more memory than
-    the result. A checkpoint without its MTP layers loads as a model without MTP. A LoRA adapter directory
-    (a LoRA run's checkpoint) loads as its base model with the adapter merged in."""
+    one in config.json (float32 if none); the router stays in float32 whatever the dtype. The model is
+    built on the meta device and materialised one unit at a time (the embedding, each decoder layer, the
+    final norm, the head), its tensors read one at a time, so loading needs little more memory than the
+    result. prepare(name, unit) → module, if given, replaces each unit as soon as its tensors are in: a
+    model can be quantized while it loads without its full-precision form ever existing whole (a .gguf
+    file or an adapter directory is loaded whole first). A checkpoint without its MTP layers loads as a
+    model without MTP. A LoRA adapter directory (a LoRA run's checkpoint) loads as its base model with
+    the adapter merged in."""
     if str(source).lower().endswith(".gguf"):
         from hemat.model.gguf_io import load_gguf_model
 
-        return load_gguf_model(source, device, dtype)
+        return _prepare_units(load_gguf_model(source, device, dtype), prepare)
     path = resolve_model_source(source)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from hemat.model.adapter_io import load_merged
 
-        return load_merged(path, device, dtype)
+        return _prepare_units(load_merged(path, device, dtype), prepare)
     config = read_checkpoint_config(path)
     files = _weight_files(path, source if is_hub_id(source) else path)
     raw = json.loads((path / "config.json").read_text())
     quantization = raw.get("quantization_config") or {}
-    packed = None
-    if quantization.get("quant_method") == "compressed-tensors":
-        packed = pack_quantized.read_quantization(quantization, f"{path / 'config.json'}: quantization_config")
+    packed = stored_quantization(path)
     block = None if packed else _fp8_block(quantization, path)
     # the model in memory is dequantised: its config must not claim otherwise when saved again
     config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
@@ -128,11 +130,42 @@ def from_pretrained(source: str | Path, device=None, dtype=None) -> CausalLM:
             model = CausalLM(config).to(dtype)
             for moe in model.moe_layers():
                 moe.gate.float()
-        model.to_empty(device=device)
-        _load_state(model, keys, path, scales, block)
+        _load_state(model, keys, path, scales, block, device, prepare)
     model.reset_buffers()  # to_empty left the non-persistent buffers uninitialised
     model.quantization = None if packed is None else {"format": packed[0], "group_size": packed[1]}
     return model.eval()
+
+
+def stored_quantization(source: str | Path) -> tuple[str, int] | None:
+    """(format, group size) of a checkpoint directory stored in compressed-tensors' pack-quantized layout,
+    else None."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return None
+    return pack_quantized.read_quantization(quantization, f"{config}: quantization_config")
+
+
+def units(model: CausalLM):
+    """Yields (name, module) of the parts a model is loaded (and prepared for inference) by, the embedding
+    first: every tensor is in one of them. A generator holding no part it has yielded, so that a part
+    replaced while it runs is freed."""
+    for name in list(model.model._modules):
+        if name == "layers":
+            yield from ((f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers))
+        else:
+            yield f"model.{name}", getattr(model.model, name)
+    if model.lm_head is not None:
+        yield "lm_head", model.lm_head
+
+
+def _prepare_units(model: CausalLM, prepare) -> CausalLM:
+    """A model loaded whole, with each unit replaced by prepare(name, unit) if given."""
+    for name, unit in units(model) if prepare else ():
+        model.set_submodule(name, prepare(name, unit))
+    return model
 
 
 def _fp8_block(quantization: dict | None, path: Path) -> tuple[int, int] | None:
@@ -188,7 +221,9 @@ class _open_all:
         self.handles = []
         for f in self.files:
             try:
-                self.handles.append(safe_open(str(f), framework="pt"))
+                # pread, not mmap: tensors read are plain memory, and the file's pages are not mapped into
+                # this process (counted as resident until the handle closes)
+                self.handles.append(safe_open(str(f), framework="pt", backend="pread"))
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
         return self.handles
@@ -226,7 +261,10 @@ def _is_shared_duplicate(key: str, config: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= config.num_hidden_layers
 
 
-def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tuple[int, int] | None) -> None:
+def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tuple[int, int] | None,
+                device: torch.device, prepare=None) -> None:
+    """Check the checkpoint's keys and shapes against the model (on the meta device), then materialise
+    and fill it unit by unit (see from_pretrained for `prepare`)."""
     config = model.config
     expected = _expected_disk_keys(model)
     fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
@@ -245,27 +283,45 @@ def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tu
         raise CheckpointError(f"{path}: missing tensor(s): {_listing(missing)}")
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor(s) for this config: {_listing(extra)}")
-    state = model.state_dict()
-    with torch.no_grad():
-        for key in sorted(present):
-            tensor = keys[key].get_tensor(key)
-            if key in scales:  # exact in fp32; copy_ rounds once to the model's dtype
-                tensor = fp8.dequantize_blocks(tensor, scales[key].get_tensor(key + SCALE_SUFFIX), block)
-            if tuple(tensor.shape) != expected[key]:
-                raise CheckpointError(
-                    f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config expects {expected[key]}"
-                )
-            m = _EXPERT_KEY.match(key)
-            if m:
-                prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
-                if proj == "down_proj":
-                    state[f"{prefix}.down_proj"][j].copy_(tensor)
-                else:
-                    half = tensor.shape[0]
-                    rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
-                    state[f"{prefix}.gate_up_proj"][j, rows].copy_(tensor)
-            else:
-                state[key].copy_(tensor)
+    by_unit: dict[str, list[str]] = {}
+    for key in sorted(present):
+        by_unit.setdefault(_unit_of(key), []).append(key)
+    for name, unit in units(model):
+        unit.to_empty(device=device)  # memory not touched until written: most of it is replaced below
+        state = unit.state_dict(prefix=f"{name}.")
+        read = {}
+        with torch.no_grad():
+            for key in by_unit.get(name, ()):
+                tensor = keys[key].get_tensor(key)
+                if key in scales:  # exact in fp32; the cast below rounds once to the model's dtype
+                    tensor = fp8.dequantize_blocks(tensor, scales[key].get_tensor(key + SCALE_SUFFIX), block)
+                if tuple(tensor.shape) != expected[key]:
+                    raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config "
+                                          f"expects {expected[key]}")
+                if _EXPERT_KEY.match(key):
+                    _copy_expert(state, key, tensor)
+                else:  # the tensor read becomes the parameter: no second copy (none at all in the model's dtype)
+                    read[key.removeprefix(f"{name}.")] = tensor.to(state[key].device, state[key].dtype)
+            unit.load_state_dict(read, strict=False, assign=True)
+            if prepare is not None:
+                model.set_submodule(name, prepare(name, unit))
+
+
+def _unit_of(key: str) -> str:
+    """The name of the units() entry holding checkpoint tensor `key`."""
+    parts = key.split(".")
+    return ".".join(parts[:3] if key.startswith("model.layers.") else parts[:-1])
+
+
+def _copy_expert(state: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
+    """Copy one expert's projection from the checkpoint into the model's stacked tensors."""
+    prefix, j, proj = _EXPERT_KEY.match(key).groups()
+    if proj == "down_proj":
+        state[f"{prefix}.down_proj"][int(j)].copy_(tensor)
+    else:
+        half = tensor.shape[0]
+        rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+        state[f"{prefix}.gate_up_proj"][int(j), rows].copy_(tensor)
 
 
 def _listing(names: list[str], limit: int = 8) -> str:

@@ -168,10 +168,10 @@ class CausalLM(nn.Module):
 
         save_pretrained(self, path, **kwargs)
 
-    @property
+    @property  # the final norm's: an inference form may store the embedding in another (quantized) form
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype

@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hemat.errors import HematError
-from hemat.infer.quantize import add_quantize_arguments, prepare_loaded
+from hemat.infer.quantize import add_quantize_arguments, load_for_inference
 from hemat.infer.cli import draft_tokens_arg
 from hemat.infer.sampling import SamplingParams
 from hemat.model.hub import is_hub_id, resolve_model_source
@@ -593,11 +593,11 @@ def serve_command(args: argparse.Namespace) -> int:
               "port can use the model (set --api-key or HEMAT_API_KEY)", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     adapters = adapter_flags(args.lora, settings.served_model_name)
-    model = hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
     if adapters:
+        model = hemat.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
         model = prepare_with_adapters(model, adapters, args.quantize, args.group_size)
     else:
-        model = prepare_loaded(model, args.quantize, args.group_size)
+        model = load_for_inference(model_dir, args.quantize, args.group_size, args.device, args.dtype)
     tokenizer = hemat.load_tokenizer(model_dir)
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrent, speculative=args.speculative,
                     num_speculative_tokens=args.draft_tokens, compile_decode=args.compile_decode)

@@ -1,0 +1,68 @@
+"""Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a bf16 matmul)
+overtakes their packed kernels (KERNEL_ROWS rows per call): per row count, the time of each over one decoder
+layer's projections and the head of a model shape, beside bf16 weights, in one run (best of --repeats).
+Each form's `dense_rows` in hemat/infer/quantize.py comes from it.
+
+    python benchmarks/quantized_rows.py [--shape smollm-135m] [--rows 1,2,4,8,16,64,512] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from hemat.infer.quantize import Int4Linear, Int8Linear
+from hemat.model.config import ModelConfig
+
+SHAPES = {path.stem: path for path in (Path(__file__).parent / "shapes").glob("*.json")}
+
+
+def projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of one llama/qwen decoder layer's projections (gate and up fused) and the head."""
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d = h // heads
+    return [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (2 * config.intermediate_size, h),
+            (h, config.intermediate_size), (config.vocab_size, h)]
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm-135m")
+    parser.add_argument("--rows", default="1,2,4,8,16,64,512")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = ModelConfig.from_file(SHAPES[args.shape])
+    weights = [torch.randn(shape) * 0.02 for shape in projection_shapes(config)]
+    forms = {"int8": [Int8Linear(w, None) for w in weights],
+             "int4": [Int4Linear(w, None, args.group_size) for w in weights]}
+    print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
+    bf16 = [w.bfloat16() for w in weights]
+    print("| rows | bf16 weights | int8 kernel | int8 dense | int4 kernel | int4 dense |\n|---|---|---|---|---|---|")
+    for rows in map(int, args.rows.split(",")):
+        x = [torch.randn(rows, w.shape[1], dtype=torch.bfloat16) for w in weights]
+        cells = [best_ms(lambda: [torch.nn.functional.linear(v, w) for w, v in zip(bf16, x)], args.repeats)]
+        for layers in forms.values():
+            for path in ("packed", "dense"):
+                cells.append(best_ms(lambda: [getattr(layer, path)(v) for layer, v in zip(layers, x)], args.repeats))
+        print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
