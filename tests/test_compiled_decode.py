@@ -82,3 +82,18 @@ def test_a_process_that_exits_while_a_bucket_compiles_exits_cleanly():
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch.compile" not in done.stdout  # no failure reported for the compile cut short
+
+
+def test_loading_and_serving_code_does_not_import_the_compiler():
+    # torch._dynamo costs 1.3 s and 0.14 GB of every process that imports it; only compiling should pay that
+    code = ("import sys, hemat, hemat.infer.engine, hemat.infer.quantize, hemat.serve.app, hemat.model.transformer; "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_the_sdpa_backend_probe_is_a_constant_to_the_compiler():
+    from hemat.model import mla
+
+    compiled = torch.compile(lambda x: x + len(mla.sdpa_backend(8, 8, "torch.float32", "cpu", False)), fullgraph=True)
+    assert compiled(torch.zeros(2)).tolist() == [len(mla.sdpa_backend(8, 8, "torch.float32", "cpu", False))] * 2
