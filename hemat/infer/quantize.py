@@ -37,7 +37,7 @@ from hemat.model.dense import MLP
 from hemat.model.hf import from_pretrained, read_checkpoint_config, stored_quantization, units
 from hemat.model.hub import resolve_model_source
 from hemat.model.lora import LoraExperts, LoraLinear
-from hemat.model.mla import MLAttention, attend_latent
+from hemat.model.mla import MLAttention, attend_latent, compressed_inputs
 from hemat.model.moe import RoutedExperts
 from hemat.model.rope import apply_rope
 
@@ -312,14 +312,7 @@ class FoldedMLA(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.q_rank:
-            q_in, latent, k_pe = self.down(x).split([self.q_rank, self.kv_rank, self.rope_dim], dim=-1)
-            q_in = self.q_a_layernorm(q_in)
-        else:
-            q_in = x
-            latent, k_pe = self.down(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope(k_pe[:, :, None], *rope, interleaved=self.interleaved)[:, :, 0]
+        q_in, latent, k_pe = compressed_inputs(self, self.down(x), x, rope)
         q = self.q_proj(q_in).view(b, t, self.n_heads, -1)
         if self.w_uk is None:
             q_latent, q_pe = q.split([self.kv_rank, self.rope_dim], dim=-1)

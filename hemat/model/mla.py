@@ -26,6 +26,20 @@ from hemat.model.dense import RMSNorm, additive_mask, attend
 from hemat.model.rope import apply_rope
 
 
+def compressed_inputs(attn, compressed: torch.Tensor, x: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+    """MLA's low-rank stage from the down-projection [q_a(x) ; kv_a(x)] (kv_a(x) alone without a query rank):
+    the query input (q_a's output normalised, or x itself), the normalised KV latent and the rotated shared
+    key k_pe. `attn`: an MLAttention, or an inference form of one with its sizes and norms."""
+    if attn.q_rank:
+        q_in, latent, k_pe = compressed.split([attn.q_rank, attn.kv_rank, attn.rope_dim], dim=-1)
+        q_in = attn.q_a_layernorm(q_in)
+    else:
+        q_in = x
+        latent, k_pe = compressed.split([attn.kv_rank, attn.rope_dim], dim=-1)
+    k_pe = apply_rope(k_pe[:, :, None], *rope, interleaved=attn.interleaved)[:, :, 0]
+    return q_in, attn.kv_a_layernorm(latent), k_pe
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -50,14 +64,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.q_rank:
-            q_in, latent, k_pe = self._down_project(x).split([self.q_rank, self.kv_rank, self.rope_dim], dim=-1)
-            q_in = self.q_a_layernorm(q_in)
-        else:
-            q_in = x
-            latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope(k_pe[:, :, None], *rope, interleaved=self.interleaved)[:, :, 0]
+        compressed = self._down_project(x) if self.q_rank else self.kv_a_proj_with_mqa(x)
+        q_in, latent, k_pe = compressed_inputs(self, compressed, x, rope)
         q = (self.q_b_proj if self.q_rank else self.q_proj)(q_in)
         q_nope, q_pe = q.view(b, t, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved)
