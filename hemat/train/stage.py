@@ -152,10 +152,11 @@ def starting_checkpoint(path: str | Path | None, stage: str) -> Path:
     """The directory of the checkpoint a stage starts from: a local one, or a Hub id's cached snapshot."""
     from hemat.model.hub import resolve_model_source
 
-    if not path or not resolve_model_source(path).is_dir():
+    source = resolve_model_source(path) if path else None
+    if source is None or not source.is_dir():
         raise HematError(f"{stage}: give the checkpoint to start from (--model DIR|ORG/NAME or {stage}.model); "
                          f"got {path!r}")
-    return resolve_model_source(path)
+    return source
 
 
 def tokenizer_files(folder: str | Path) -> list[Path]:
