@@ -12,7 +12,9 @@ The llama.cpp rows run hemat's own `export-gguf` file (q8_0, q4_0) through llama
 binary wheel for most CPUs: `bash benchmarks/setup_llama_cpp.sh` builds it from its source package (about
 15 minutes on 2 cores). Without it those rows are skipped with a note. llama-cpp-python decodes one
 sequence at a time through its high-level API, so its rows have batch 1 only. A hemat row named with
-`+compile` (e.g. hemat-int4+compile) decodes through the compiled step, compiled before the timing.
+`+compile` (e.g. hemat-int4+compile) decodes through the compiled step, compiled before the timing; with
+`+torch` (e.g. hemat-int4+torch), int8/int4 run PyTorch's weight-only packed kernels instead of hemat's VNNI
+kernels (HEMAT_NATIVE_KERNELS=0).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -53,7 +56,7 @@ def bandwidth_gbs() -> float:
 # ---- one row, in a child process -------------------------------------------------------------------------
 def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: int):
     """→ (generate(prompts, new_tokens), weight bytes); hemat's cache holds max_tokens per sequence."""
-    library, fmt = row.removesuffix("+compile").split("-")
+    library, fmt = row.split("+")[0].split("-")
     if library == "llama.cpp":
         return load_llama_cpp(path / f"model-{fmt}.gguf", max_tokens, threads)
     if library == "transformers":
@@ -77,7 +80,7 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: in
     from hemat.infer.sampling import SamplingParams
 
     dtype = "bfloat16" if fmt == "bf16" else "float32"
-    compile_decode = row.endswith("+compile")
+    compile_decode = "+compile" in row
     model = load_for_inference(path, fmt if fmt.startswith("int") else None, group_size, dtype=dtype)
     engines = {}
 
@@ -200,7 +203,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--row", row, "--model", path, "--batch-sizes", args.batch_sizes,
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                        "--threads", str(args.threads), "--group-size", str(args.group_size)]
-            done = subprocess.run(command, capture_output=True, text=True)
+            env = dict(os.environ, HEMAT_NATIVE_KERNELS="0") if "+torch" in row else None
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode:
                 print(f"{row}: failed\n{done.stderr[-2000:]}")
                 continue

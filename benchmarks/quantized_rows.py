@@ -1,7 +1,8 @@
 """Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a bf16 matmul)
-overtakes their packed kernels (KERNEL_ROWS rows per call): per row count, the time of each over one decoder
-layer's projections and the head of a model shape, beside bf16 weights, in one run (best of --repeats).
-Each form's `dense_rows` in hemat/infer/quantize.py comes from it.
+overtakes their kernels (PyTorch's weight-only packed kernels, KERNEL_ROWS rows per call; hemat's VNNI
+kernels where they load): per row count, the time of each over one decoder layer's projections and the head
+of a model shape, beside bf16 weights, in one run (best of --repeats). Each form's `dense_rows` in
+hemat/infer/quantize.py and vnni.py comes from it.
 
     python benchmarks/quantized_rows.py [--shape smollm-135m] [--rows 1,2,4,8,16,64,512] [--threads 2]
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hemat.infer import vnni
 from hemat.infer.quantize import Int4Linear, Int8Linear
 from hemat.model.config import ModelConfig
 
@@ -52,15 +54,20 @@ def main() -> None:
     weights = [torch.randn(shape) * 0.02 for shape in projection_shapes(config)]
     forms = {"int8": [Int8Linear(w, None) for w in weights],
              "int4": [Int4Linear(w, None, args.group_size) for w in weights]}
+    if vnni.kernels() is not None:
+        forms["int8 vnni"] = [vnni.VnniInt8Linear(w, None) for w in weights]
+        forms["int4 vnni"] = [vnni.VnniInt4Linear(w, None, args.group_size) for w in weights]
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
     bf16 = [w.bfloat16() for w in weights]
-    print("| rows | bf16 weights | int8 kernel | int8 dense | int4 kernel | int4 dense |\n|---|---|---|---|---|---|")
+    print("| rows | bf16 weights | " + " | ".join(f"{form} kernel | {form} dense" for form in forms) + " |")
+    print("|---" * (2 + 2 * len(forms)) + "|")
     for rows in map(int, args.rows.split(",")):
         x = [torch.randn(rows, w.shape[1], dtype=torch.bfloat16) for w in weights]
         cells = [best_ms(lambda: [torch.nn.functional.linear(v, w) for w, v in zip(bf16, x)], args.repeats)]
         for layers in forms.values():
-            for path in ("packed", "dense"):
-                cells.append(best_ms(lambda: [getattr(layer, path)(v) for layer, v in zip(layers, x)], args.repeats))
+            inputs = [v.to(layers[0].kernel_dtype) for v in x]
+            cells.append(best_ms(lambda: [layer.packed(v) for layer, v in zip(layers, inputs)], args.repeats))
+            cells.append(best_ms(lambda: [layer.dense(v) for layer, v in zip(layers, x)], args.repeats))
         print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 

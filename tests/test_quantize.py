@@ -236,8 +236,11 @@ def test_bad_formats_and_group_sizes_are_named():
         prepare_for_inference(int8, "int4")
 
 
-def test_int4_falls_back_to_int8_by_name_when_outputs_do_not_tile(capsys):
-    model = prepare_for_inference(model_of(llama_config(vocab_size=90)), "int4", group_size=32)
+def test_int4_falls_back_to_int8_by_name_when_outputs_do_not_tile(capsys, monkeypatch):
+    from tests.test_vnni import pytorch_kernels
+
+    with pytorch_kernels(monkeypatch):  # PyTorch's int4 layout tiles outputs by 16; hemat's VNNI one takes any
+        model = prepare_for_inference(model_of(llama_config(vocab_size=90)), "int4", group_size=32)
     assert isinstance(model.lm_head, Int8Linear)
     assert "int8 instead for lm_head (90 outputs)" in capsys.readouterr().out
 

@@ -110,9 +110,12 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    kernel_dtype = COMPUTE_DTYPE
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        y = self.dense(rows) if rows.shape[0] >= self.dense_rows else self.packed(rows.contiguous())
+        rows = x.reshape(-1, self.in_features)
+        y = self.dense(rows.to(COMPUTE_DTYPE)) if rows.shape[0] >= self.dense_rows else \
+            self.packed(rows.to(self.kernel_dtype).contiguous())
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -405,14 +408,19 @@ class _Builder:
         return True
 
     def linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+        from hemat.infer import vnni  # its forms subclass this module's
+
+        out_features, in_features = weight.shape
         if self.weights is None:
             return DenseLinear(weight, bias)
-        if self.weights == "int8":
-            return Int8Linear(weight, bias)
-        out_features, in_features = weight.shape
-        if in_features % self.group_size:
+        if self.weights == "int4" and in_features % self.group_size:
             raise QuantizationError(f"int4 group size {self.group_size} does not divide the input dimension "
                                     f"{in_features} of {name} (choose one of {GROUP_SIZES} that does)")
+        if vnni.available(in_features):
+            return vnni.VnniInt8Linear(weight, bias) if self.weights == "int8" else \
+                vnni.VnniInt4Linear(weight, bias, self.group_size)
+        if self.weights == "int8":
+            return Int8Linear(weight, bias)
         if out_features % 16:  # the packed int4 layout tiles outputs by 16
             self.fallbacks.append(f"{name} ({out_features} outputs)")
             return Int8Linear(weight, bias)

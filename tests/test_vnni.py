@@ -1,0 +1,124 @@
+"""hemat's VNNI kernels (vnni.c through vnni.py): the int8/int4 linears against their dequantized weights
+times the same int8 activations (exact up to the order of fp32 sums), their dense path, rows and
+embedding, whole models and the compiled decode step over them, and PyTorch's kernels where they are
+turned off."""
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hemat.infer import vnni
+from hemat.infer.engine import Engine
+from hemat.infer.quantize import Int4Linear, Int8Linear, PackedEmbedding, prepare_for_inference
+from tests.test_compiled_decode import greedy_tokens
+from tests.test_engine import prompt
+from tests.test_quantize import llama_config, model_of
+
+CPU_HAS_VNNI = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+needs_vnni = pytest.mark.skipif(not CPU_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+
+
+def test_the_kernels_load_where_the_cpu_has_vnni_and_a_compiler():
+    assert (vnni.kernels() is not None) == (CPU_HAS_VNNI and shutil.which("cc") is not None)
+
+
+@contextmanager
+def pytorch_kernels(monkeypatch):
+    """HEMAT_NATIVE_KERNELS=0 within, as a user would set it before starting hemat."""
+    monkeypatch.setenv(vnni.DISABLE, "0")
+    vnni.kernels.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(vnni.DISABLE)
+        vnni.kernels.cache_clear()
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply: each block of 32 inputs rounded to 255 levels of its largest magnitude."""
+    blocks = x.view(len(x), -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    q = (blocks * torch.where(amax > 0, 127 / amax, 0)).round().clamp(-128, 127)
+    return (q * scale).view_as(x)
+
+
+def forms(weight, bias):
+    return [vnni.VnniInt8Linear(weight, bias)] + [vnni.VnniInt4Linear(weight, bias, g) for g in (32, 64, 128)]
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 5, 23])
+def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(97, 256) * 0.05, torch.randn(97)  # 97 outputs: a partial tile of 4 rows
+    x = torch.randn(rows, 256) * torch.linspace(0.1, 4, 256)  # blocks of different ranges
+    x[0, :32] = 0  # an all-zero block
+    for module in forms(weight, bias):
+        assert rows < module.dense_rows
+        got = module(x)
+        expected = F.linear(int8_activations(x), module.dequantized()) + bias
+        assert got.dtype == torch.float32 and got.shape == (rows, 97)
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+        # the activations' rounding is all that separates it from the unquantized input
+        assert (got - (F.linear(x, module.dequantized()) + bias)).norm() <= 0.01 * expected.norm()
+        step = 1 / 127 if isinstance(module, Int8Linear) else 1 / 15
+        assert (module.dequantized() - weight).abs().max() <= step * weight.abs().max()
+
+
+@needs_vnni
+def test_dense_path_rows_and_embedding_read_the_same_values():
+    torch.manual_seed(0)
+    weight = torch.randn(130, 128) * 0.05
+    x = torch.randn(90, 128)
+    ids = torch.tensor([0, 7, 64, 129])
+    for module in forms(weight, None):
+        assert len(x) >= module.dense_rows
+        dense, reference = module(x), F.linear(x, module.dequantized())  # dense: tile by tile in bf16
+        assert (dense - reference).norm() <= 0.01 * reference.norm()
+        assert (module.packed(x) - reference).norm() <= 0.01 * reference.norm()
+        assert torch.equal(module.rows(ids, torch.float32), module.dequantized()[ids])
+        embedding = PackedEmbedding(module, torch.float32)
+        assert torch.equal(embedding(ids[None])[0], module.dequantized()[ids])
+
+
+@needs_vnni
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_models_over_the_kernels_match_models_over_pytorchs(weights, monkeypatch):
+    model = model_of(llama_config(hidden_size=128, intermediate_size=256, vocab_size=256))
+    ours = prepare_for_inference(model, weights, group_size=64)
+    assert isinstance(ours.lm_head, vnni.VnniInt8Linear if weights == "int8" else vnni.VnniInt4Linear)
+    with pytorch_kernels(monkeypatch):
+        theirs = prepare_for_inference(model, weights, group_size=64)
+    assert not any(isinstance(m, (vnni.VnniInt8Linear, vnni.VnniInt4Linear)) for m in theirs.modules())
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = ours(ids), theirs(ids)
+    assert (got - expected).norm() <= 0.02 * expected.norm()  # int8 activations vs bf16 ones
+
+
+@needs_vnni
+def test_the_compiled_decode_step_takes_the_kernels():
+    model = prepare_for_inference(model_of(llama_config(hidden_size=128, intermediate_size=256, vocab_size=256)),
+                                  "int4", group_size=64)
+    prompts = [prompt(n, seed=n) for n in (5, 19, 11)]
+    expected = greedy_tokens(Engine(model, max_batch_size=2, page_size=4, speculative="off"), prompts)
+    engine = Engine(model, max_batch_size=2, page_size=4, speculative="off", compile_decode=True)
+    assert greedy_tokens(engine, prompts) == expected  # while the buckets compile
+    engine.static_decode.compiled.wait()
+    steps = engine.stats()["decode_compiled_steps"]
+    assert greedy_tokens(engine, prompts) == expected
+    stats = engine.stats()
+    assert not stats["decode_compile_failed"] and stats["decode_compiled_steps"] - steps == 23  # every step
+
+
+def test_turned_off_they_leave_pytorchs_kernels_and_say_so_once(monkeypatch, capsys):
+    with pytorch_kernels(monkeypatch):
+        model = prepare_for_inference(model_of(llama_config()), "int4", group_size=32)
+        prepare_for_inference(model_of(llama_config()), "int8")
+    assert isinstance(model.lm_head, Int4Linear) and not isinstance(model.lm_head, vnni.VnniInt4Linear)
+    assert capsys.readouterr().err.count(f"PyTorch's packed kernels ({vnni.DISABLE}=0)") == 1
