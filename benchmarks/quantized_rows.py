@@ -54,7 +54,7 @@ def main() -> None:
     weights = [torch.randn(shape) * 0.02 for shape in projection_shapes(config)]
     forms = {"int8": [Int8Linear(w, None) for w in weights],
              "int4": [Int4Linear(w, None, args.group_size) for w in weights]}
-    if vnni.kernels() is not None:
+    if vnni.kernels():
         forms["int8 vnni"] = [vnni.VnniInt8Linear(w, None) for w in weights]
         forms["int4 vnni"] = [vnni.VnniInt4Linear(w, None, args.group_size) for w in weights]
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")

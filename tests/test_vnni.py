@@ -18,12 +18,12 @@ from tests.test_compiled_decode import greedy_tokens
 from tests.test_engine import prompt
 from tests.test_quantize import llama_config, model_of
 
-CPU_HAS_VNNI = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+CPU_HAS_VNNI = Path("/proc/cpuinfo").exists() and "avx512_vnni" in Path("/proc/cpuinfo").read_text()
 needs_vnni = pytest.mark.skipif(not CPU_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
 
 
 def test_the_kernels_load_where_the_cpu_has_vnni_and_a_compiler():
-    assert (vnni.kernels() is not None) == (CPU_HAS_VNNI and shutil.which("cc") is not None)
+    assert vnni.kernels() == (CPU_HAS_VNNI and shutil.which("g++") is not None)
 
 
 @contextmanager
@@ -47,18 +47,19 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).view_as(x)
 
 
-def forms(weight, bias):
-    return [vnni.VnniInt8Linear(weight, bias)] + [vnni.VnniInt4Linear(weight, bias, g) for g in (32, 64, 128)]
+def forms(weight, bias, group_sizes):
+    return [vnni.VnniInt8Linear(weight, bias)] + [vnni.VnniInt4Linear(weight, bias, g) for g in group_sizes]
 
 
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 5, 23])
-def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows):
+@pytest.mark.parametrize("inputs,group_sizes", [(192, (32, 64)), (512, (128, 256))])  # 192: a last block of 64
+def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows, inputs, group_sizes):
     torch.manual_seed(0)
-    weight, bias = torch.randn(97, 256) * 0.05, torch.randn(97)  # 97 outputs: a partial tile of 4 rows
-    x = torch.randn(rows, 256) * torch.linspace(0.1, 4, 256)  # blocks of different ranges
+    weight, bias = torch.randn(97, inputs) * 0.05, torch.randn(97)  # 97 outputs: a partial tile of 4 rows
+    x = torch.randn(rows, inputs) * torch.linspace(0.1, 4, inputs)  # blocks of different ranges
     x[0, :32] = 0  # an all-zero block
-    for module in forms(weight, bias):
+    for module in forms(weight, bias, group_sizes):
         assert rows < module.dense_rows
         got = module(x)
         expected = F.linear(int8_activations(x), module.dequantized()) + bias
@@ -73,10 +74,10 @@ def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows):
 @needs_vnni
 def test_dense_path_rows_and_embedding_read_the_same_values():
     torch.manual_seed(0)
-    weight = torch.randn(130, 128) * 0.05
-    x = torch.randn(90, 128)
+    weight = torch.randn(130, 192) * 0.05
+    x = torch.randn(90, 192)
     ids = torch.tensor([0, 7, 64, 129])
-    for module in forms(weight, None):
+    for module in forms(weight, None, (32, 64)):
         assert len(x) >= module.dense_rows
         dense, reference = module(x), F.linear(x, module.dequantized())  # dense: tile by tile in bf16
         assert (dense - reference).norm() <= 0.01 * reference.norm()

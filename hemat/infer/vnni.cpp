@@ -1,0 +1,218 @@
+// int8/int4 weights times int8 activations with AVX-512 VNNI (the way llama.cpp's q4_0 x q8_0 dot products
+// work), registered as the PyTorch operators hemat::int8_linear and hemat::int4_linear. Each token's
+// activations are quantized to int8 in blocks of 32 (one scale each), the weights stay packed, and `vpdpbusd`
+// multiplies 64 unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
+// Decoding reads each weight once per token, so this runs at memory speed where a weight-only kernel that
+// converts every weight to float is bound by that conversion.
+//
+// Layouts (row-major over the N output rows; K inputs a multiple of 64):
+//   int4: uint8 [N, K/2]. Each block of 128 inputs is 64 bytes, byte j holding input j (low nibble) and
+//         j + 64 (high); a last block of 64 inputs is 32 bytes, byte j holding inputs j and j + 32.
+//         scale, offset fp32 [N, K/g], g a power of two >= 32: w = q * scale - offset.
+//   int8: uint8 [N, K] holding q + 128; scale fp32 [N]: w = (u - 128) * scale.
+// Output fp32 [M, N]. Threads: at::parallel_for over tiles of ROWS output rows.
+// Built with AVX-512 code generation (vnni.py loads it only on a CPU whose flags show AVX-512 VNNI).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;  // inputs per activation scale
+constexpr int ROWS = 4;        // output rows per tile: each activation chunk loaded once for all of them
+
+// The activations of M tokens in int8: q [M, K], scale [M, K/32] and sum [M, K/32] = scale * sum(q) per block
+struct Activations {
+    std::vector<int8_t> q;
+    std::vector<float> scale, sum;
+
+    Activations(const float* x, int64_t M, int64_t K) : q(M * K), scale(M * K / BLOCK), sum(M * K / BLOCK) {
+        for (int64_t b = 0; b < M * K / BLOCK; b++) {
+            const float* xb = x + b * BLOCK;
+            const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));  // round to nearest even
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * BLOCK]), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * BLOCK + 16]), _mm512_cvtsepi32_epi8(q1));
+            scale[b] = amax / 127.0f;
+            sum[b] = scale[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+        }
+    }
+
+    // Per token, the sums of `sum` over each group of `group` inputs: [M, K/group]
+    std::vector<float> group_sums(int64_t group) const {
+        const int64_t per_group = group / BLOCK;
+        std::vector<float> sums(sum.size() / per_group, 0.0f);
+        for (size_t b = 0; b < sum.size(); b++) sums[b / per_group] += sum[b];
+        return sums;
+    }
+};
+
+// Lanes 0-7 hold `low`, lanes 8-15 `high`: a vpdpbusd over 64 inputs sums its first 32 in lanes 0-7
+inline __m512 halves(float low, float high) {
+    return _mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1);
+}
+
+inline __m512 dot(__m512i q, const int8_t* x) {
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(x)));
+}
+
+// The weight scales of the 64 inputs from `first` on, lanes as in `halves`: groups of 32 differ per half
+template <bool pairs>
+inline __m512 weight_scales(const float* scale, int64_t first, int shift) {
+    return pairs ? halves(scale[first >> shift], scale[(first + 32) >> shift]) : _mm512_set1_ps(scale[first >> shift]);
+}
+
+// `rows` output rows (ROWS, or 1 for the last few) of one token; inlined with `rows` a constant, so that the
+// accumulators stay in registers. groups: 32, 64 or 128+ inputs per weight scale (the scales per block of
+// 128 inputs are then 4, 2 or 1)
+template <int rows, int groups_of>
+inline void int4_tile(const uint8_t* w, const float* scale, const float* offset, int64_t K, int shift,
+                      const int8_t* qx, const float* sx, const float* group_sum, float* out) {
+    const int64_t groups = K >> shift, whole = K / 128 * 128;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512 acc[rows];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < whole; c += 128) {  // 64 bytes of each row: inputs c..c+63 low, c+64..c+127 high
+        const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
+        const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
+        for (int r = 0; r < rows; r++) {
+            const __m512i packed = _mm512_loadu_si512(w + r * (K / 2) + c / 2);
+            const __m512 low = dot(_mm512_and_si512(packed, nibble), qx + c);
+            const __m512 high = dot(_mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble), qx + c + 64);
+            const float* s = scale + r * groups;
+            if (groups_of >= 128) {  // one weight scale for the block: applied once
+                const __m512 sum = _mm512_fmadd_ps(high, x_high, _mm512_mul_ps(low, x_low));
+                acc[r] = _mm512_fmadd_ps(sum, _mm512_set1_ps(s[c >> shift]), acc[r]);
+            } else {
+                acc[r] = _mm512_fmadd_ps(low, _mm512_mul_ps(x_low, weight_scales<groups_of == 32>(s, c, shift)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(high, _mm512_mul_ps(x_high, weight_scales<groups_of == 32>(s, c + 64, shift)),
+                                         acc[r]);
+            }
+        }
+    }
+    if (whole < K) {  // a last block of 64 inputs: 32 bytes, inputs j and j + 32 in byte j
+        const __m512 x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
+        const __m256i nibble256 = _mm256_set1_epi8(0x0F);
+        for (int r = 0; r < rows; r++) {
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * (K / 2) + whole / 2));
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble256)),
+                                                 _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble256), 1);
+            const __m512 w_scale = weight_scales<groups_of == 32>(scale + r * groups, whole, shift);
+            acc[r] = _mm512_fmadd_ps(dot(q, qx + whole), _mm512_mul_ps(x_scale, w_scale), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {  // the offsets times each group's sum of dequantized activations
+        float correction = 0.0f;
+        for (int64_t g = 0; g < groups; g++) correction += offset[r * groups + g] * group_sum[g];
+        out[r] = _mm512_reduce_add_ps(acc[r]) - correction;
+    }
+}
+
+// int4_tile for ROWS rows, or one row at a time for the last few, by group size
+template <int groups_of>
+inline void int4_rows(int count, const uint8_t* w, const float* scale, const float* offset, int64_t K, int shift,
+                      const int8_t* qx, const float* sx, const float* group_sum, float* out) {
+    const int64_t groups = K >> shift;
+    if (count == ROWS) return int4_tile<ROWS, groups_of>(w, scale, offset, K, shift, qx, sx, group_sum, out);
+    for (int r = 0; r < count; r++)
+        int4_tile<1, groups_of>(w + r * (K / 2), scale + r * groups, offset + r * groups, K, shift, qx, sx, group_sum,
+                                out + r);
+}
+
+template <int rows>
+inline void int8_tile(const uint8_t* w, const float* scale, int64_t K, const int8_t* qx, const float* sx,
+                      float total, float* out) {
+    __m512 acc[rows];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += 64) {
+        const __m512 s = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(dot(_mm512_loadu_si512(w + r * K + c), qx + c), s, acc[r]);
+    }
+    // the stored values are q + 128: sum(u x) - 128 sum(x) = sum(q x), with total = sum(x) dequantized
+    for (int r = 0; r < rows; r++) out[r] = scale[r] * (_mm512_reduce_add_ps(acc[r]) - 128.0f * total);
+}
+
+void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_width) {
+    TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous(),
+                "hemat VNNI kernels: rows must be contiguous fp32 [M, K]");
+    TORCH_CHECK(rows.size(1) % 64 == 0 && weight.size(1) == packed_width && weight.is_contiguous(),
+                "hemat VNNI kernels: K must be a multiple of 64 and match the weight");
+}
+
+// Runs fn(first row, rows, token) for each tile of ROWS output rows and each token, tiles across threads
+template <typename Fn>
+void over_tiles(int64_t N, int64_t M, const Fn& fn) {
+    at::parallel_for(0, (N + ROWS - 1) / ROWS, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; t++)
+            for (int64_t m = 0; m < M; m++) fn(t * ROWS, std::min<int64_t>(ROWS, N - t * ROWS), m);
+    });
+}
+
+at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t group_size) {
+    const int64_t M = rows.size(0), K = rows.size(1), N = packed.size(0), groups = K / group_size;
+    check(rows, packed, K / 2);
+    TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
+                "hemat VNNI kernels: the group size must be a power of two >= 32 dividing K");
+    const int shift = __builtin_ctzll(group_size);  // no division per chunk
+    const Activations a(rows.data_ptr<float>(), M, K);
+    const std::vector<float> group_sum = a.group_sums(group_size);
+    at::Tensor out = at::empty({M, N}, rows.options());
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
+    float* y = out.data_ptr<float>();
+    over_tiles(N, M, [&](int64_t n, int count, int64_t m) {
+        const int8_t* q = a.q.data() + m * K;
+        const float *sx = a.scale.data() + m * (K / BLOCK), *sums = group_sum.data() + m * groups;
+        const uint8_t* wn = w + n * (K / 2);
+        float tile[ROWS];
+        if (shift == 5)
+            int4_rows<32>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
+        else if (shift == 6)
+            int4_rows<64>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
+        else
+            int4_rows<128>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
+        std::copy(tile, tile + count, y + m * N + n);
+    });
+    return out;
+}
+
+at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& scale) {
+    const int64_t M = rows.size(0), K = rows.size(1), N = weight.size(0);
+    check(rows, weight, K);
+    const Activations a(rows.data_ptr<float>(), M, K);
+    const std::vector<float> total = a.group_sums(K);
+    at::Tensor out = at::empty({M, N}, rows.options());
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    const float* s = scale.data_ptr<float>();
+    float* y = out.data_ptr<float>();
+    over_tiles(N, M, [&](int64_t n, int count, int64_t m) {
+        const int8_t* q = a.q.data() + m * K;
+        const float* sx = a.scale.data() + m * (K / BLOCK);
+        float tile[ROWS];
+        if (count == ROWS)
+            int8_tile<ROWS>(w + n * K, s + n, K, q, sx, total[m], tile);
+        else
+            for (int r = 0; r < count; r++) int8_tile<1>(w + (n + r) * K, s + n + r, K, q, sx, total[m], tile + r);
+        std::copy(tile, tile + count, y + m * N + n);
+    });
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hemat, m) {
+    m.def("int8_linear(Tensor rows, Tensor weight, Tensor scale) -> Tensor");
+    m.def("int4_linear(Tensor rows, Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hemat, CPU, m) {
+    m.impl("int8_linear", int8_linear);
+    m.impl("int4_linear", int4_linear);
+}
