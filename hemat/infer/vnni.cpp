@@ -68,75 +68,98 @@ inline __m512 weight_scales(const float* scale, int64_t first, int shift) {
     return pairs ? halves(scale[first >> shift], scale[(first + 32) >> shift]) : _mm512_set1_ps(scale[first >> shift]);
 }
 
-// `rows` output rows (ROWS, or 1 for the last few) of one token; inlined with `rows` a constant, so that the
-// accumulators stay in registers. groups: 32, 64 or 128+ inputs per weight scale (the scales per block of
-// 128 inputs are then 4, 2 or 1)
-template <int rows, int groups_of>
-inline void int4_tile(const uint8_t* w, const float* scale, const float* offset, int64_t K, int shift,
-                      const int8_t* qx, const float* sx, const float* group_sum, float* out) {
-    const int64_t groups = K >> shift, whole = K / 128 * 128;
+// The int8 activations of the tokens from `first` on (see Activations), and where their outputs go
+struct Tokens {
+    const int8_t* q;
+    const float *scale, *group_sum;
+    float* out;
+    int64_t K, groups, N;
+
+    const int8_t* q_of(int t) const { return q + t * K; }
+    const float* scale_of(int t) const { return scale + t * (K / BLOCK); }
+    const float* group_sum_of(int t) const { return group_sum + t * groups; }
+    float* out_of(int t) const { return out + t * N; }
+};
+
+// `rows` output rows (ROWS, or 1 for the last few) of `tokens` tokens (TOKENS, or 1): each block of weights is
+// unpacked once for all the tokens. Inlined with constants, so that the accumulators stay in registers.
+// groups_of: 32, 64 or 128+ inputs per weight scale (so 4, 2 or 1 scales per block of 128 inputs)
+template <int rows, int tokens, int groups_of>
+inline void int4_tile(const uint8_t* w, const float* scale, const float* offset, int shift, const Tokens& x) {
+    const int64_t K = x.K, groups = x.groups, whole = K / 128 * 128;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    __m512 acc[rows];
-    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    __m512 acc[tokens][rows];
+    for (int t = 0; t < tokens; t++)
+        for (int r = 0; r < rows; r++) acc[t][r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < whole; c += 128) {  // 64 bytes of each row: inputs c..c+63 low, c+64..c+127 high
-        const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
-        const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
+        __m512i low[rows], high[rows];
         for (int r = 0; r < rows; r++) {
             const __m512i packed = _mm512_loadu_si512(w + r * (K / 2) + c / 2);
-            const __m512 low = dot(_mm512_and_si512(packed, nibble), qx + c);
-            const __m512 high = dot(_mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble), qx + c + 64);
-            const float* s = scale + r * groups;
-            if (groups_of >= 128) {  // one weight scale for the block: applied once
-                const __m512 sum = _mm512_fmadd_ps(high, x_high, _mm512_mul_ps(low, x_low));
-                acc[r] = _mm512_fmadd_ps(sum, _mm512_set1_ps(s[c >> shift]), acc[r]);
-            } else {
-                acc[r] = _mm512_fmadd_ps(low, _mm512_mul_ps(x_low, weight_scales<groups_of == 32>(s, c, shift)), acc[r]);
-                acc[r] = _mm512_fmadd_ps(high, _mm512_mul_ps(x_high, weight_scales<groups_of == 32>(s, c + 64, shift)),
-                                         acc[r]);
+            low[r] = _mm512_and_si512(packed, nibble);
+            high[r] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        }
+        for (int t = 0; t < tokens; t++) {
+            const float* sx = x.scale_of(t);
+            const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
+            const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
+            for (int r = 0; r < rows; r++) {
+                const __m512 sum_low = dot(low[r], x.q_of(t) + c), sum_high = dot(high[r], x.q_of(t) + c + 64);
+                const float* s = scale + r * groups;
+                if (groups_of >= 128) {  // one weight scale for the block: applied once
+                    const __m512 sum = _mm512_fmadd_ps(sum_high, x_high, _mm512_mul_ps(sum_low, x_low));
+                    acc[t][r] = _mm512_fmadd_ps(sum, _mm512_set1_ps(s[c >> shift]), acc[t][r]);
+                } else {
+                    const __m512 w_low = weight_scales<groups_of == 32>(s, c, shift);
+                    const __m512 w_high = weight_scales<groups_of == 32>(s, c + 64, shift);
+                    acc[t][r] = _mm512_fmadd_ps(sum_low, _mm512_mul_ps(x_low, w_low), acc[t][r]);
+                    acc[t][r] = _mm512_fmadd_ps(sum_high, _mm512_mul_ps(x_high, w_high), acc[t][r]);
+                }
             }
         }
     }
     if (whole < K) {  // a last block of 64 inputs: 32 bytes, inputs j and j + 32 in byte j
-        const __m512 x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
         const __m256i nibble256 = _mm256_set1_epi8(0x0F);
         for (int r = 0; r < rows; r++) {
             const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * (K / 2) + whole / 2));
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble256)),
                                                  _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble256), 1);
             const __m512 w_scale = weight_scales<groups_of == 32>(scale + r * groups, whole, shift);
-            acc[r] = _mm512_fmadd_ps(dot(q, qx + whole), _mm512_mul_ps(x_scale, w_scale), acc[r]);
+            for (int t = 0; t < tokens; t++) {
+                const float* sx = x.scale_of(t);
+                const __m512 x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
+                acc[t][r] = _mm512_fmadd_ps(dot(q, x.q_of(t) + whole), _mm512_mul_ps(x_scale, w_scale), acc[t][r]);
+            }
         }
     }
-    for (int r = 0; r < rows; r++) {  // the offsets times each group's sum of dequantized activations
-        float correction = 0.0f;
-        for (int64_t g = 0; g < groups; g++) correction += offset[r * groups + g] * group_sum[g];
-        out[r] = _mm512_reduce_add_ps(acc[r]) - correction;
-    }
+    for (int t = 0; t < tokens; t++)
+        for (int r = 0; r < rows; r++) {  // the offsets times each group's sum of dequantized activations
+            float correction = 0.0f;
+            for (int64_t g = 0; g < groups; g++) correction += offset[r * groups + g] * x.group_sum_of(t)[g];
+            x.out_of(t)[r] = _mm512_reduce_add_ps(acc[t][r]) - correction;
+        }
 }
 
-// int4_tile for ROWS rows, or one row at a time for the last few, by group size
-template <int groups_of>
-inline void int4_rows(int count, const uint8_t* w, const float* scale, const float* offset, int64_t K, int shift,
-                      const int8_t* qx, const float* sx, const float* group_sum, float* out) {
-    const int64_t groups = K >> shift;
-    if (count == ROWS) return int4_tile<ROWS, groups_of>(w, scale, offset, K, shift, qx, sx, group_sum, out);
-    for (int r = 0; r < count; r++)
-        int4_tile<1, groups_of>(w + r * (K / 2), scale + r * groups, offset + r * groups, K, shift, qx, sx, group_sum,
-                                out + r);
-}
-
-template <int rows>
-inline void int8_tile(const uint8_t* w, const float* scale, int64_t K, const int8_t* qx, const float* sx,
-                      float total, float* out) {
-    __m512 acc[rows];
-    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+template <int rows, int tokens>
+inline void int8_tile(const uint8_t* w, const float* scale, const Tokens& x) {
+    const int64_t K = x.K;
+    __m512 acc[tokens][rows];
+    for (int t = 0; t < tokens; t++)
+        for (int r = 0; r < rows; r++) acc[t][r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 64) {
-        const __m512 s = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
-        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(dot(_mm512_loadu_si512(w + r * K + c), qx + c), s, acc[r]);
+        __m512i weights[rows];
+        for (int r = 0; r < rows; r++) weights[r] = _mm512_loadu_si512(w + r * K + c);
+        for (int t = 0; t < tokens; t++) {
+            const __m512 s = halves(x.scale_of(t)[c / BLOCK], x.scale_of(t)[c / BLOCK + 1]);
+            for (int r = 0; r < rows; r++) acc[t][r] = _mm512_fmadd_ps(dot(weights[r], x.q_of(t) + c), s, acc[t][r]);
+        }
     }
-    // the stored values are q + 128: sum(u x) - 128 sum(x) = sum(q x), with total = sum(x) dequantized
-    for (int r = 0; r < rows; r++) out[r] = scale[r] * (_mm512_reduce_add_ps(acc[r]) - 128.0f * total);
+    // the stored values are q + 128: sum(u x) - 128 sum(x) = sum(q x), the last term from the one group's sum
+    for (int t = 0; t < tokens; t++)
+        for (int r = 0; r < rows; r++)
+            x.out_of(t)[r] = scale[r] * (_mm512_reduce_add_ps(acc[t][r]) - 128.0f * x.group_sum_of(t)[0]);
 }
+
+constexpr int TOKENS = 4;  // tokens per tile: a block of weights unpacked once for all of them
 
 void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_width) {
     TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous(),
@@ -145,13 +168,34 @@ void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_widt
                 "hemat VNNI kernels: K must be a multiple of 64 and match the weight");
 }
 
-// Runs fn(first row, rows, token) for each tile of ROWS output rows and each token, tiles across threads
-template <typename Fn>
-void over_tiles(int64_t N, int64_t M, const Fn& fn) {
+// Runs tile(first row, rows, first token, tokens) over tiles of up to ROWS output rows and TOKENS tokens,
+// the rows across threads
+template <typename Tile>
+void over_tiles(int64_t N, int64_t M, const Tile& tile) {
     at::parallel_for(0, (N + ROWS - 1) / ROWS, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; t++)
-            for (int64_t m = 0; m < M; m++) fn(t * ROWS, std::min<int64_t>(ROWS, N - t * ROWS), m);
+        for (int64_t i = begin; i < end; i++)
+            for (int64_t m = 0; m < M; m += TOKENS)
+                tile(i * ROWS, std::min<int64_t>(ROWS, N - i * ROWS), m, std::min<int64_t>(TOKENS, M - m));
     });
+}
+
+// kernel<rows, tokens>(first row offset, tokens view) for a tile: whole tiles at once, the rest one by one
+template <typename Kernel>
+void dispatch(int rows, int tokens, const Tokens& x, const Kernel& kernel) {
+    if (rows == ROWS && tokens == TOKENS) return kernel.template operator()<ROWS, TOKENS>(0, x);
+    for (int t = 0; t < tokens; t++) {
+        Tokens one = x;
+        one.q = x.q_of(t), one.scale = x.scale_of(t), one.group_sum = x.group_sum_of(t), one.out = x.out_of(t);
+        if (rows == ROWS) {
+            kernel.template operator()<ROWS, 1>(0, one);
+        } else {
+            for (int r = 0; r < rows; r++) {
+                Tokens row = one;
+                row.out = one.out + r;
+                kernel.template operator()<1, 1>(r, row);
+            }
+        }
+    }
 }
 
 at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const at::Tensor& scale,
@@ -166,19 +210,21 @@ at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const a
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
-    float* y = out.data_ptr<float>();
-    over_tiles(N, M, [&](int64_t n, int count, int64_t m) {
-        const int8_t* q = a.q.data() + m * K;
-        const float *sx = a.scale.data() + m * (K / BLOCK), *sums = group_sum.data() + m * groups;
-        const uint8_t* wn = w + n * (K / 2);
-        float tile[ROWS];
+    over_tiles(N, M, [&](int64_t n, int count, int64_t m, int tokens) {
+        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / BLOCK), group_sum.data() + m * groups,
+                       out.data_ptr<float>() + m * N + n, K, groups, N};
+        auto tile = [&]<int groups_of>() {
+            dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
+                const int64_t row = n + r;
+                int4_tile<rows_, tokens_, groups_of>(w + row * (K / 2), s + row * groups, o + row * groups, shift, view);
+            });
+        };
         if (shift == 5)
-            int4_rows<32>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
+            tile.template operator()<32>();
         else if (shift == 6)
-            int4_rows<64>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
+            tile.template operator()<64>();
         else
-            int4_rows<128>(count, wn, s + n * groups, o + n * groups, K, shift, q, sx, sums, tile);
-        std::copy(tile, tile + count, y + m * N + n);
+            tile.template operator()<128>();
     });
     return out;
 }
@@ -191,16 +237,12 @@ at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const a
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = weight.data_ptr<uint8_t>();
     const float* s = scale.data_ptr<float>();
-    float* y = out.data_ptr<float>();
-    over_tiles(N, M, [&](int64_t n, int count, int64_t m) {
-        const int8_t* q = a.q.data() + m * K;
-        const float* sx = a.scale.data() + m * (K / BLOCK);
-        float tile[ROWS];
-        if (count == ROWS)
-            int8_tile<ROWS>(w + n * K, s + n, K, q, sx, total[m], tile);
-        else
-            for (int r = 0; r < count; r++) int8_tile<1>(w + (n + r) * K, s + n + r, K, q, sx, total[m], tile + r);
-        std::copy(tile, tile + count, y + m * N + n);
+    over_tiles(N, M, [&](int64_t n, int count, int64_t m, int tokens) {
+        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / BLOCK), total.data() + m,
+                       out.data_ptr<float>() + m * N + n, K, 1, N};
+        dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
+            int8_tile<rows_, tokens_>(w + (n + r) * K, s + n + r, view);
+        });
     });
     return out;
 }
