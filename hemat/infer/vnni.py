@@ -105,7 +105,7 @@ def _require_kernels(in_features: int) -> None:
 
 
 class VnniInt8Linear(Int8Linear):
-    """Int8Linear's numbers (symmetric per output channel) over vnni.c, the values stored as q + 128."""
+    """Int8Linear's numbers (symmetric per output channel) over vnni.cpp, the values stored as q + 128."""
 
     kernel_dtype = torch.float32
     dense_rows = 24
@@ -135,8 +135,8 @@ class VnniInt8Linear(Int8Linear):
 
 
 class VnniInt4Linear(Int4Linear):
-    """Int4Linear's numbers (asymmetric per group) over vnni.c: w = q · scale - offset, the 0..15 values
-    packed two a byte, row by row (vnni.c's layout)."""
+    """Int4Linear's numbers (asymmetric per group) over vnni.cpp: w = q · scale - offset, the 0..15 values
+    packed two a byte, row by row (vnni.cpp's layout)."""
 
     kernel_dtype = torch.float32
     dense_rows = 80
