@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hemat.model.config import MODEL_TYPES, ModelConfig
-from hemat.model.hf import CheckpointError, meta_model, parse_dtype
+from hemat.model.hf import CheckpointError, meta_model, parse_dtype, to_empty
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import SPLIT_PATTERN, Tokenizer
 
@@ -231,7 +231,7 @@ def load_gguf_model(path: str | Path, device=None, dtype=None) -> CausalLM:
     model.to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
-    model.to_empty(device=torch.device(device or "cpu"))
+    to_empty(model, torch.device(device or "cpu"))
     state = model.state_dict()
     names = _gguf_names(config)
     expected = {name for key in state for name in names.get(key, [])}

@@ -150,9 +150,15 @@ class _SkipInitOnMeta(TorchFunctionMode):
 
 
 def meta_model(config: ModelConfig) -> CausalLM:
-    """The model on the meta device, uninitialised: shapes only, for a loader to fill."""
+    """The model on the meta device, uninitialised: shapes only, for a loader to fill (see to_empty)."""
     with torch.device("meta"), _SkipInitOnMeta():
         return CausalLM(config)
+
+
+def to_empty(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """module.to_empty(device=device) for a module on the meta device, without torch.empty_like: on a meta
+    tensor that runs in Python and imports sympy (0.3 s and 34 MB resident for every process that loads)."""
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def stored_quantization(source: str | Path) -> tuple[str, int] | None:
@@ -306,7 +312,7 @@ def _load_state(model: CausalLM, keys: dict, path: Path, scales: dict, block: tu
     for key in sorted(present):
         by_unit.setdefault(_unit_of(key), []).append(key)
     for name, unit in units(model):
-        unit.to_empty(device=device)  # memory not touched until written: most of it is replaced below
+        to_empty(unit, device)  # memory not touched until written: most of it is replaced below
         state = unit.state_dict(prefix=f"{name}.")
         read = {}
         with torch.no_grad():
