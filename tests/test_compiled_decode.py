@@ -95,7 +95,7 @@ def test_loading_and_serving_code_does_not_import_the_compiler():
 def test_loading_a_checkpoint_imports_neither_the_compiler_nor_sympy(tmp_path):
     # a model to be loaded is built on the meta device, where torch's kernels for random initialisation and
     # for arithmetic import torch._dynamo: the loader skips the one, the rotary tables are computed on the CPU;
-    # and Module.to_empty on meta tensors imports sympy (34 MB)
+    # and Module.to_empty on meta tensors imports sympy (36 MB)
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     CausalLM(mla_config(num_nextn_predict_layers=1, rope_scaling=yarn)).save_pretrained(tmp_path / "mla")
     CausalLM(llama_config(tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
