@@ -57,17 +57,16 @@ def build_hemat(kind: str, shape: dict, mode: str):
     from hemat.model.config import ModelConfig
     from hemat.model.lora import LoraConfig, add_adapters
     from hemat.model.qlora import quantize_base
-    from hemat.model.transformer import CausalLM
+    from hemat.model.hf import meta_model
     from hemat.train.loop import lm_loss
 
     extra = {"num_nextn_predict_layers": 0} if kind == "deepseek_v3" else {}
     lora = mode != "full"
-    with torch.device("meta"):  # built in its final dtype, as from_pretrained builds it: a bf16 base never
-        model = CausalLM(ModelConfig(model_type=kind, **shape, **extra))  # exists in fp32
-        if lora:
-            model.to(torch.bfloat16)
-            for moe in model.moe_layers():  # the router stays fp32, as from_pretrained keeps it
-                moe.gate.float()
+    model = meta_model(ModelConfig(model_type=kind, **shape, **extra))
+    if lora:  # built in its final dtype, as from_pretrained builds it: a bf16 base never exists in fp32
+        model.to(torch.bfloat16)
+        for moe in model.moe_layers():  # the router stays fp32, as from_pretrained keeps it
+            moe.gate.float()
     model.to_empty(device="cpu")
     model.init_weights()
     if mode == "qlora":

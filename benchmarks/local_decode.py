@@ -37,7 +37,7 @@ ROWS = ("transformers-fp32", "transformers-bf16", "hemat-fp32", "hemat-bf16", "h
 
 
 def memory_gb() -> tuple[float, float]:
-    """(resident, peak resident) GB of this process."""
+    """(resident, peak resident) GiB of this process."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return tuple(int(fields[k].split()[0]) / 1024**2 for k in ("VmRSS", "VmHWM"))
 
@@ -55,7 +55,8 @@ def bandwidth_gbs() -> float:
 
 # ---- one row, in a child process -------------------------------------------------------------------------
 def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: int):
-    """→ (generate(prompts, new_tokens), weight bytes); hemat's cache holds max_tokens per sequence."""
+    """→ (generate(prompts, new_tokens), weight bytes, cache_bytes() → the KV cache bytes held, None where the
+    library does not say); hemat's cache holds max_tokens per sequence."""
     library, fmt = row.split("+")[0].split("-")
     if library == "llama.cpp":
         return load_llama_cpp(path / f"model-{fmt}.gguf", max_tokens, threads)
@@ -73,7 +74,7 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: in
                 model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False)
 
-        return generate, sum(p.numel() * p.element_size() for p in model.parameters())
+        return generate, sum(p.numel() * p.element_size() for p in model.parameters()), lambda: None
     import hemat
     from hemat.infer.engine import Engine
     from hemat.infer.quantize import load_for_inference
@@ -96,7 +97,10 @@ def load_row(row: str, path: Path, group_size: int, max_tokens: int, threads: in
         outs = engines[batch].generate(prompts.tolist(), params)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
 
-    return generate, model.weight_bytes
+    def cache_bytes() -> int:
+        return sum(t.nbytes for engine in engines.values() for store in engine.cache.stores for t in store)
+
+    return generate, model.weight_bytes, cache_bytes
 
 
 def load_llama_cpp(gguf: Path, max_tokens: int, threads: int):
@@ -114,7 +118,7 @@ def load_llama_cpp(gguf: Path, max_tokens: int, threads: int):
                 break
         assert made == new_tokens
 
-    return generate, gguf.stat().st_size
+    return generate, gguf.stat().st_size, lambda: None
 
 
 def export_gguf_files(path: Path, formats: list[str]) -> None:
@@ -137,8 +141,10 @@ def export_gguf_files(path: Path, formats: list[str]) -> None:
 
 def run_row(args) -> None:
     torch.set_num_threads(args.threads)
-    generate, weight_bytes = load_row(args.row, Path(args.model), args.group_size,
-                                      args.prompt_tokens + args.new_tokens, args.threads)
+    start = time.perf_counter()
+    generate, weight_bytes, cache_bytes = load_row(args.row, Path(args.model), args.group_size,
+                                                   args.prompt_tokens + args.new_tokens, args.threads)
+    load_s = time.perf_counter() - start
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
@@ -148,7 +154,7 @@ def run_row(args) -> None:
     batches = [b for b in map(int, args.batch_sizes.split(",")) if b == 1 or not args.row.startswith("llama.cpp")]
     for batch in batches:  # warm-up
         generate(prompts(batch)[:, :16], 2)
-    result = {"row": args.row, "weight_bytes": weight_bytes, "decode": {}}
+    result = {"row": args.row, "weight_bytes": weight_bytes, "load_s": load_s, "decode": {}}
     for batch in batches:
         start = time.perf_counter()
         generate(prompts(batch), 1)
@@ -160,6 +166,7 @@ def run_row(args) -> None:
         if batch == 1:
             result["ttft_s"] = first
     result["rss_gb"], result["peak_rss_gb"] = memory_gb()
+    result["cache_bytes"] = cache_bytes()
     print(json.dumps(result))
 
 
@@ -215,15 +222,18 @@ def main() -> None:
     batches = list(map(int, args.batch_sizes.split(",")))
     base = next((r for r in results if r["row"] == "transformers-fp32"), None)
     head = " | ".join(f"batch {b} tok/s" for b in batches)
-    print(f"\n| row | {head} | vs transformers fp32 (batch {batches[0]}) | TTFT s | RSS GB | peak RSS GB | "
-          "weights GB | batch-1 ceiling tok/s |")
-    print("|---" * (len(batches) + 7) + "|")
+    print(f"\n| row | {head} | vs transformers fp32 (batch {batches[0]}) | TTFT s | load s | RSS GiB | "
+          "peak RSS GiB | weights GB | cache GB | RSS / (weights + cache) | batch-1 ceiling tok/s |")
+    print("|---" * (len(batches) + 10) + "|")
     for r in results:
         rates = " | ".join(f"{r['decode'][str(b)]:.2f}" if str(b) in r["decode"] else "-" for b in batches)
         ratio = f"{r['decode'][str(batches[0])] / base['decode'][str(batches[0])]:.2f}x" if base else "-"
         ceiling = bandwidth * 1e9 / r["weight_bytes"]
-        print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
-              f"{r['weight_bytes'] / 1e9:.3f} | {ceiling:.1f} |")
+        cache = "-" if r["cache_bytes"] is None else f"{r['cache_bytes'] / 1e9:.3f}"
+        held = r["weight_bytes"] + (r["cache_bytes"] or 0)  # transformers' cache is freed after each call
+        print(f"| {r['row']} | {rates} | {ratio} | {r['ttft_s']:.2f} | {r['load_s']:.1f} | {r['rss_gb']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['weight_bytes'] / 1e9:.3f} | {cache} | "
+              f"{r['rss_gb'] * 1024**3 / held:.2f}x | {ceiling:.1f} |")
     print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, {args.threads} threads); ceiling = bandwidth / "
           "weight bytes. RSS after the run; its peak includes loading (int8/int4 quantized while loading).")
 

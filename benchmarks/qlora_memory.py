@@ -58,10 +58,9 @@ def random_bf16_model(config):
     all at once in bf16) and filled a slice at a time, so no float32 temporary of a whole tensor shows in the peak."""
     import torch
 
-    from hemat.model.transformer import CausalLM
+    from hemat.model.hf import meta_model
 
-    with torch.device("meta"):
-        model = CausalLM(config).to(torch.bfloat16)
+    model = meta_model(config).to(torch.bfloat16)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from hemat.infer.quantize import prepare_for_inference
 from hemat.infer.sampling import SamplingParams
 from hemat.model.transformer import CausalLM
 from tests.test_engine import GREEDY, mostly_bigram, naive_greedy, prompt, tiny_model
-from tests.test_quantize import mla_config
+from tests.test_quantize import llama_config, mla_config
 
 
 def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
@@ -90,6 +90,20 @@ def test_loading_and_serving_code_does_not_import_the_compiler():
             "print('torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_loading_a_checkpoint_imports_neither_the_compiler_nor_sympy(tmp_path):
+    # a model to be loaded is built on the meta device, where torch's kernels for random initialisation and
+    # for arithmetic import torch._dynamo: the loader skips the one, the rotary tables are computed on the CPU;
+    # and Module.to_empty on meta tensors imports sympy (36 MB)
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    CausalLM(mla_config(num_nextn_predict_layers=1, rope_scaling=yarn)).save_pretrained(tmp_path / "mla")
+    CausalLM(llama_config(tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
+    code = (f"import sys, hemat; root = {str(tmp_path)!r}; hemat.load_for_inference(root + '/llama', 'int4', "
+            "group_size=32); hemat.load_for_inference(root + '/mla', 'int8'); hemat.from_pretrained(root + '/mla'); "
+            "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "False False"
 
 
 def test_the_sdpa_backend_probe_is_a_constant_to_the_compiler():

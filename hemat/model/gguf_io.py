@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hemat.model.config import MODEL_TYPES, ModelConfig
-from hemat.model.hf import CheckpointError, parse_dtype
+from hemat.model.hf import CheckpointError, meta_model, parse_dtype, to_empty
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import SPLIT_PATTERN, Tokenizer
 
@@ -227,12 +227,11 @@ def load_gguf_model(path: str | Path, device=None, dtype=None) -> CausalLM:
     f = GGUFFile(path)
     config = read_config(f)
     dtype = parse_dtype(dtype) or _default_dtype(f)
-    with torch.device("meta"):
-        model = CausalLM(config)
+    model = meta_model(config)
     model.to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
-    model.to_empty(device=torch.device(device or "cpu"))
+    to_empty(model, torch.device(device or "cpu"))
     state = model.state_dict()
     names = _gguf_names(config)
     expected = {name for key in state for name in names.get(key, [])}
@@ -269,8 +268,7 @@ def _gguf_names(config: ModelConfig) -> dict[str, list[str]]:
     """hemat's state-dict key -> the GGUF tensor name(s) it is made of (MTP layers excluded)."""
     arch = gguf.MODEL_ARCH[GGUF_ARCH[config.model_type].upper()]
     tmap = gguf.TensorNameMap(arch, config.num_hidden_layers)
-    with torch.device("meta"):
-        keys = list(CausalLM(config.replace(num_nextn_predict_layers=0)).state_dict())
+    keys = list(meta_model(config.replace(num_nextn_predict_layers=0)).state_dict())
     out = {}
     for key in keys:
         m = _LAYER_KEY.match(key)

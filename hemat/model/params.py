@@ -173,16 +173,13 @@ def count_module_parameters(model, config: ModelConfig | None = None) -> ParamCo
 
 def build_meta_model(config: ModelConfig):
     """The model on the meta device, or None while hemat.model.transformer is not available."""
-    import torch
-
     try:
-        from hemat.model.transformer import CausalLM
+        from hemat.model.hf import meta_model
     except ModuleNotFoundError as e:
         if e.name != "hemat.model.transformer":
             raise
         return None
-    with torch.device("meta"):
-        return CausalLM(config)
+    return meta_model(config)
 
 
 def human(n: float, digits: int = 2) -> str:

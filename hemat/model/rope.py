@@ -63,22 +63,23 @@ class RotaryEmbedding(nn.Module):
         self.yarn = config.yarn
         self.interleaved = config.is_mla and config.rope_interleave
         self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
-        half = self.dim // 2  # swap: the other dimension of each rotated pair
-        swap = torch.arange(self.dim) ^ 1 if self.interleaved else (torch.arange(self.dim) + half) % self.dim
-        self.register_buffer("swap", swap, persistent=False)
+        self.register_buffer("swap", torch.empty(self.dim, dtype=torch.long), persistent=False)
         self.attention_factor = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.yarn:
-            inv_freq, self.attention_factor = yarn_inv_freq(self.dim, self.theta, self.yarn)
-        else:
-            inv_freq = 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
-        half = self.dim // 2
-        swap = torch.arange(self.dim) ^ 1 if self.interleaved else (torch.arange(self.dim) + half) % self.dim
+        # computed on the CPU and copied, whatever device the buffers are on: arithmetic on the meta device (a
+        # model built to be loaded) imports the compiler, torch._dynamo, which costs 1.3 s and 0.14 GB
+        with torch.device("cpu"):
+            if self.yarn:
+                inv_freq, self.attention_factor = yarn_inv_freq(self.dim, self.theta, self.yarn)
+            else:
+                inv_freq = 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+            half = self.dim // 2  # swap: the other dimension of each rotated pair
+            swap = torch.arange(self.dim) ^ 1 if self.interleaved else (torch.arange(self.dim) + half) % self.dim
         with torch.no_grad():
-            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
-            self.swap.copy_(swap.to(self.swap.device))
+            self.inv_freq.copy_(inv_freq)
+            self.swap.copy_(swap)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         angles = positions.float()[..., None] * self.inv_freq.float()

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hemat.errors import HematError
+from hemat.model.hf import meta_model
 from hemat.model.transformer import CausalLM
 
 STRATEGIES = ("ddp", "fsdp")
@@ -132,8 +133,7 @@ def full_model(wrapped: nn.Module, model: CausalLM, prefix: str = "model.") -> C
     state = get_model_state_dict(wrapped, options=_full(cpu_offload=True))
     if not state:
         return None
-    with torch.device("meta"):
-        copy = CausalLM(model.config)
+    copy = meta_model(model.config)
     copy.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, assign=True)
     return copy
 
