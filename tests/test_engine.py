@@ -193,9 +193,18 @@ def test_draft_gate_switches_when_the_slower_mode_becomes_faster():
     for step in range(400):
         drafts = gate.drafts(1)
         runs.append(drafts)
-        draft_rate = 100.0 if step < 100 else 400.0  # the drafts start to pay (a compiled round, say)
-        gate.record(1, drafts, seconds=0.01, tokens=(draft_rate if drafts else 200.0) * 0.01)
+        round_seconds = 0.02 if step < 100 else 0.005  # 2 tokens a round: the drafts start to pay (compiled)
+        gate.record(1, drafts, seconds=round_seconds if drafts else 0.005, tokens=2 if drafts else 1)
     assert runs[20:100].count(True) <= 2 * gate.SAMPLES and runs[200:].count(False) <= 2 * gate.SAMPLES
+
+
+@pytest.fixture
+def one_thread():
+    """The gate times steps: one torch thread, which a busy 2-core machine stalls far less than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def auto_decoding(model, steps: int, **settings) -> tuple[list[int], dict]:
@@ -209,7 +218,7 @@ def auto_decoding(model, steps: int, **settings) -> tuple[list[int], dict]:
     return out, engine.drafter.gate
 
 
-def test_auto_stops_drafting_with_an_untrained_mtp_module():
+def test_auto_stops_drafting_with_an_untrained_mtp_module(one_thread):
     """A random MTP module's drafts are rejected: a round costs more than a plain step and emits about as
     many tokens, so "auto" measures that and decodes plainly, retrying a round only now and then."""
     model = tiny_model("deepseek_v3", seed=2, num_hidden_layers=4)
@@ -218,7 +227,7 @@ def test_auto_stops_drafting_with_an_untrained_mtp_module():
     assert gate.buckets[1]["seen"][False] > 2 * gate.buckets[1]["seen"][True]
 
 
-def test_auto_keeps_drafting_with_an_exact_mtp_module():
+def test_auto_keeps_drafting_with_an_exact_mtp_module(one_thread):
     """An MTP module that predicts exactly what the model will (mostly_bigram at scale 0): every draft of a
     3-token chain is accepted, a round emits 4 tokens for far less than 4 steps' work, and "auto" keeps
     drafting, measuring a plain step only now and then."""

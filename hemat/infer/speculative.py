@@ -94,13 +94,14 @@ class ChainLength:
 class DraftGate:
     """speculative="auto": whether a decode step runs a draft-and-verify round or a plain step, from the
     measured speed of each per batch bucket (rows rounded up to a power of two): the mean tokens a step
-    emits over the median of its seconds, over each mode's last WINDOW steps (the median, as a loaded
-    machine stalls a step now and then by 10× and more). Each mode is measured first (SAMPLES steps, after
-    WARM discarded ones: first calls, allocations); then the faster runs, and the slower is measured again
-    (SAMPLES steps) after `retry` steps, doubling while it keeps losing (up to MAX_RETRY), so that a change
-    in acceptance or in cost (a bucket compiled, a longer context) is seen."""
+    emits over its last TOKENS_WINDOW steps (a round's acceptance varies with the text) over the median of
+    its last WINDOW steps' seconds (the median: a loaded machine stalls a step now and then by 10× and
+    more). Each mode is measured first (SAMPLES steps, after WARM discarded ones: first calls, allocations);
+    then the faster runs, and the slower is timed again (SAMPLES steps, its old times dropped as stale)
+    after `retry` steps, doubling while it keeps losing (up to MAX_RETRY), so that a change in acceptance
+    or in cost (a bucket compiled, a longer context, other load) is seen."""
 
-    WARM, SAMPLES, WINDOW = 1, 3, 8
+    WARM, SAMPLES, WINDOW, TOKENS_WINDOW = 1, 3, 8, 64
     RETRY, MAX_RETRY = 16, 512
 
     def __init__(self):
@@ -108,18 +109,19 @@ class DraftGate:
 
     def _bucket(self, rows: int) -> dict:
         key = 1 << (rows - 1).bit_length()
-        if key not in self.buckets:  # per mode (True: drafting): the window of (seconds, tokens), steps seen
-            self.buckets[key] = dict(window={True: [], False: []}, seen={True: 0, False: 0}, since=0,
-                                     retry=self.RETRY, retry_left=0, retry_mode=False)
+        if key not in self.buckets:  # per mode (True: drafting): recent steps' seconds and tokens, steps seen
+            self.buckets[key] = dict(seconds={True: [], False: []}, tokens={True: [], False: []},
+                                     seen={True: 0, False: 0}, since=0, retry=self.RETRY, retry_left=0,
+                                     retry_mode=False)
         return self.buckets[key]
 
     def speed(self, rows: int, drafted: bool) -> float | None:
         """Tokens per second of the mode in this batch bucket, as measured (None: not yet)."""
-        window = self._bucket(rows)["window"][drafted]
-        if not window:
+        b = self._bucket(rows)
+        seconds, tokens = sorted(b["seconds"][drafted]), b["tokens"][drafted]
+        if not seconds:
             return None
-        seconds = sorted(s for s, _ in window)
-        return sum(t for _, t in window) / len(window) / max(seconds[len(seconds) // 2], 1e-9)
+        return sum(tokens) / len(tokens) / max(seconds[len(seconds) // 2], 1e-9)
 
     def drafts(self, rows: int) -> bool:
         """Whether the next step of a batch of `rows` drafts."""
@@ -130,7 +132,7 @@ class DraftGate:
         if not b["retry_left"] and b["since"] >= b["retry"]:  # retry the slower: its old record is stale
             b["retry_mode"] = slower = self.speed(rows, True) < self.speed(rows, False)
             b["retry_left"] = self.SAMPLES
-            b["window"][slower].clear()
+            b["seconds"][slower].clear()
         if b["retry_left"]:
             return b["retry_mode"]
         return self.speed(rows, True) >= self.speed(rows, False)
@@ -141,8 +143,8 @@ class DraftGate:
         b["seen"][drafted] += 1
         if b["seen"][drafted] <= self.WARM:
             return
-        window = b["window"][drafted]
-        window[:] = window[1 - self.WINDOW :] + [(seconds, tokens)]
+        b["seconds"][drafted][:] = b["seconds"][drafted][1 - self.WINDOW :] + [seconds]
+        b["tokens"][drafted][:] = b["tokens"][drafted][1 - self.TOKENS_WINDOW :] + [tokens]
         if b["retry_left"] and drafted == b["retry_mode"]:
             b["retry_left"] -= 1
             if not b["retry_left"]:  # again the slower: retried later still; now the faster: the usual wait
