@@ -97,12 +97,14 @@ class DraftGate:
     emits over its last TOKENS_WINDOW steps (a round's acceptance varies with the text) over the median of
     its last WINDOW steps' seconds (the median: a loaded machine stalls a step now and then by 10× and
     more). Each mode is measured first (SAMPLES steps, after WARM discarded ones: first calls, allocations);
-    then the faster runs, and the slower is timed again (SAMPLES steps, its old times dropped as stale)
+    then the faster runs (drafting only when faster by MARGIN: near break-even a round's extra work is not
+    worth its noise), and the slower is timed again (SAMPLES steps, its old times dropped as stale)
     after `retry` steps, doubling while it keeps losing (up to MAX_RETRY), so that a change in acceptance
     or in cost (a bucket compiled, a longer context, other load) is seen."""
 
     WARM, SAMPLES, WINDOW, TOKENS_WINDOW = 1, 3, 8, 64
     RETRY, MAX_RETRY = 16, 512
+    MARGIN = 0.05
 
     def __init__(self):
         self.buckets: dict[int, dict] = {}
@@ -130,12 +132,15 @@ class DraftGate:
             if b["seen"][mode] < self.WARM + self.SAMPLES:
                 return mode
         if not b["retry_left"] and b["since"] >= b["retry"]:  # retry the slower: its old record is stale
-            b["retry_mode"] = slower = self.speed(rows, True) < self.speed(rows, False)
+            b["retry_mode"] = slower = not self._pays(rows)
             b["retry_left"] = self.SAMPLES
             b["seconds"][slower].clear()
         if b["retry_left"]:
             return b["retry_mode"]
-        return self.speed(rows, True) >= self.speed(rows, False)
+        return self._pays(rows)
+
+    def _pays(self, rows: int) -> bool:
+        return self.speed(rows, True) > (1 + self.MARGIN) * self.speed(rows, False)
 
     def record(self, rows: int, drafted: bool, seconds: float, tokens: int) -> None:
         """One step's measurement: it drafted or not, took `seconds` and emitted `tokens`."""
@@ -148,7 +153,7 @@ class DraftGate:
         if b["retry_left"] and drafted == b["retry_mode"]:
             b["retry_left"] -= 1
             if not b["retry_left"]:  # again the slower: retried later still; now the faster: the usual wait
-                still_slower = drafted != (self.speed(rows, True) >= self.speed(rows, False))
+                still_slower = drafted != self._pays(rows)
                 b["since"], b["retry"] = 0, min(b["retry"] * 2, self.MAX_RETRY) if still_slower else self.RETRY
         elif min(b["seen"].values()) >= self.WARM + self.SAMPLES:
             b["since"] += 1
