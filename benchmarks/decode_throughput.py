@@ -3,7 +3,8 @@
 Builds a random model from a preset (default cpu-tiny), saves it, loads it in both, then alternates the
 contenders in one run at each batch size (greedy, fixed prompt and output lengths, EOS ignored on all
 sides, prefill included in the time): transformers, hemat's plain decoding and, when the checkpoint
-carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto", and with
+carries MTP layers, MTP speculative decoding with k = 1, 2, 3 chained drafts and with "auto" (per-sequence
+chain lengths), the engine's default speculative="auto" (drafting only where measured to pay), and with
 --compile the plain decode step and each MTP setting's draft-and-verify round compiled by torch.compile
 (their buckets compiled before the timing, the compile time printed, their greedy tokens checked against
 plain decoding's). Prints
@@ -134,6 +135,8 @@ def main() -> None:
         engine = Engine(model, max_batch_size=batch, speculative="off")
         engines = {"plain": engine, **{f"MTP k={d}": Engine(model, max_batch_size=batch, speculative="mtp",
                                                             num_speculative_tokens=d) for d in drafts}}
+        if drafts:  # the engine's default: drafts where its DraftGate measures them to pay
+            engines["speculative auto"] = Engine(model, max_batch_size=batch, speculative="auto")
         if args.compile:
             span = args.prompt_tokens + args.new_tokens + 4  # and the verify positions of up to 3 drafts
             engines["compiled"] = compiled_engine(model, batch, span)
@@ -162,6 +165,8 @@ def main() -> None:
                 continue
             stats, line = engines[name].stats(), f"           {name:18s} {best[name][0]:9.1f} tok/s = " \
                 f"{best[name][0] / plain:5.2f}x plain (per CPU second: {best[name][1] / best['plain'][1]:5.2f}x)"
+            if name == "speculative auto":
+                line += f", {stats['spec_rounds']:,} of its rows' decode steps drafted"
             if name.startswith("MTP"):
                 rounds = 1 + stats["spec_accepted"] / max(stats["spec_rounds"], 1)
                 line += (f", acceptance {stats['spec_acceptance_rate']:.1%} ({stats['spec_accepted']}/"

@@ -61,7 +61,8 @@ def test_compiled_mtp_rounds_give_plain_greedy_tokens():
     greedy decoding's, padding rows (3 sequences in the batch-4 bucket) count for nothing, and once the
     bucket is ready every round of the full batch runs compiled."""
     model = mostly_bigram(tiny_model("deepseek_v3", seed=1), scale=0.01)  # drafts often accepted
-    engine = Engine(model, max_batch_size=4, page_size=4, num_speculative_tokens=2, compile_decode=True)
+    engine = Engine(model, max_batch_size=4, page_size=4, speculative="mtp", num_speculative_tokens=2,
+                    compile_decode=True)
     compiled = engine.compiled_steps
     compiled.queue((*engine.drafter.bucket(4, 1), 2))
     compiled.wait()  # that bucket and the batch-1 one, queued at start-up

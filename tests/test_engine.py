@@ -13,7 +13,8 @@ from hemat.errors import HematError
 from hemat.infer.cache import PagedCache
 from hemat.infer.engine import Engine, EngineRequestError
 from hemat.infer.sampling import SamplingError, SamplingParams
-from hemat.infer.speculative import ChainLength
+from hemat.infer import speculative
+from hemat.infer.speculative import ChainLength, DraftGate
 from hemat.model.config import ModelConfig
 from hemat.model.transformer import CausalLM
 from hemat.tokenizer import train_tokenizer
@@ -116,7 +117,7 @@ def test_batched_greedy_generation_equals_uncached_greedy(kind, speculative):
 
 def test_mtp_drafts_are_what_the_mtp_module_predicts_over_the_full_sequence():
     model = tiny_model("deepseek_v3")
-    engine = Engine(model, page_size=4, max_prefill_tokens=5)  # prompts prefill (and fill MTP caches) in chunks
+    engine = Engine(model, page_size=4, max_prefill_tokens=5, speculative="mtp")  # prompts prefill in chunks
     rounds = []
     draft_chain = engine.drafter.draft_chain
 
@@ -157,7 +158,7 @@ def test_chained_mtp_drafts_keep_greedy_output_token_identical(depth, draft_toke
     """k drafts per round, chained past the MTP depth on the module's own output: whatever is accepted,
     the output is plain greedy decoding's."""
     model = mostly_bigram(tiny_model("deepseek_v3", seed=1, num_nextn_predict_layers=depth), scale=0.01)
-    engine = Engine(model, max_batch_size=3, page_size=4, num_speculative_tokens=draft_tokens)
+    engine = Engine(model, max_batch_size=3, page_size=4, speculative="mtp", num_speculative_tokens=draft_tokens)
     prompts = [prompt(n, seed=n) for n in (3, 9, 6, 13)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=15, **GREEDY))
     assert [o.outputs[0].token_ids for o in outs] == [naive_greedy(model, p, 15) for p in prompts]
@@ -168,6 +169,111 @@ def test_chained_mtp_drafts_keep_greedy_output_token_identical(depth, draft_toke
         assert stats["spec_drafted"] == draft_tokens * stats["spec_rounds"]
     # some rounds accepted more than one draft, some fewer than all: every path was taken
     assert stats["spec_rounds"] < stats["spec_accepted"] < stats["spec_drafted"] or draft_tokens == 1
+
+
+@pytest.mark.parametrize("draft_rate, plain_rate", [(300.0, 100.0), (100.0, 300.0)])
+def test_draft_gate_runs_the_faster_mode_and_retries_the_slower_ever_less_often(draft_rate, plain_rate):
+    gate, runs = DraftGate(), []
+    for _ in range(1000):
+        drafts = gate.drafts(3)  # bucket 4
+        runs.append(drafts)
+        gate.record(3, drafts, seconds=0.01, tokens=(draft_rate if drafts else plain_rate) * 0.01)
+    faster = draft_rate > plain_rate
+    warm = 2 * (gate.WARM + gate.SAMPLES)
+    assert runs[:warm] == [True] * (warm // 2) + [False] * (warm // 2)  # each mode measured first
+    retries = [i for i in range(warm, len(runs)) if runs[i] != faster and runs[i - 1] == faster]
+    assert all(runs[i : i + gate.SAMPLES] == [not faster] * gate.SAMPLES for i in retries)  # SAMPLES steps each
+    gaps = [b - a for a, b in zip(retries, retries[1:])]
+    assert gaps[:3] == [gate.SAMPLES + gate.RETRY * 2**i for i in (1, 2, 3)]  # the slower, ever less often
+    assert len(retries) < 8 and set(gate.buckets) == {4}
+
+
+def test_draft_gate_switches_when_the_slower_mode_becomes_faster():
+    gate, runs = DraftGate(), []
+    for step in range(400):
+        drafts = gate.drafts(1)
+        runs.append(drafts)
+        round_seconds = 0.02 if step < 100 else 0.005  # 2 tokens a round: the drafts start to pay (compiled)
+        gate.record(1, drafts, seconds=round_seconds if drafts else 0.005, tokens=2 if drafts else 1)
+    assert runs[20:100].count(True) <= 2 * gate.SAMPLES and runs[200:].count(False) <= 2 * gate.SAMPLES
+
+
+@pytest.fixture
+def one_thread():
+    """The gate times steps: one torch thread, which a busy 2-core machine stalls far less than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def auto_decoding(model, steps: int, **settings) -> tuple[list[int], dict]:
+    """Greedy batch-1 decoding with speculative="auto" → (its tokens, its DraftGate); they must be plain
+    decoding's tokens."""
+    p = prompt(6, seed=3)
+    engine = Engine(model, max_batch_size=1, page_size=4, **settings)
+    out = engine.generate([p], SamplingParams(max_tokens=steps, **GREEDY))[0].outputs[0].token_ids
+    plain = Engine(model, max_batch_size=1, page_size=4, speculative="off")
+    assert out == plain.generate([p], SamplingParams(max_tokens=steps, **GREEDY))[0].outputs[0].token_ids
+    return out, engine.drafter.gate
+
+
+def test_auto_stops_drafting_with_an_untrained_mtp_module(one_thread):
+    """A random MTP module's drafts are rejected: a round costs more than a plain step and emits about as
+    many tokens, so "auto" measures that and decodes plainly, retrying a round only now and then."""
+    model = tiny_model("deepseek_v3", seed=2, num_hidden_layers=4)
+    _, gate = auto_decoding(model, 100)
+    assert gate.speed(1, False) > gate.speed(1, True)
+    assert gate.buckets[1]["seen"][False] > 2 * gate.buckets[1]["seen"][True]
+
+
+def test_auto_keeps_drafting_with_an_exact_mtp_module(one_thread):
+    """An MTP module that predicts exactly what the model will (mostly_bigram at scale 0): every draft of a
+    3-token chain is accepted, a round emits 4 tokens for far less than 4 steps' work, and "auto" keeps
+    drafting, measuring a plain step only now and then."""
+    model = mostly_bigram(tiny_model("deepseek_v3", seed=1, num_hidden_layers=6), scale=0.0)
+    _, gate = auto_decoding(model, 100, num_speculative_tokens=3)
+    assert gate.speed(1, True) > gate.speed(1, False)
+    assert gate.buckets[1]["seen"][True] > 2 * gate.buckets[1]["seen"][False]
+
+
+class EveryNthStep(DraftGate):
+    """A gate that drafts one step in `n` (no timing): long plain stretches between rounds."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.step = n, 0
+
+    def drafts(self, rows: int) -> bool:
+        self.step += 1
+        return self.step % self.n == 0
+
+
+def test_drafts_after_plain_steps_are_what_the_mtp_module_predicts(monkeypatch):
+    """Plain steps keep the main hidden states; the next round (or a catch-up pass, past CATCH_UP_ROWS) fills
+    the MTP caches over them: the drafts are then the MTP module's over the full sequence."""
+    monkeypatch.setattr(speculative, "CATCH_UP_ROWS", 5)
+    model = tiny_model("deepseek_v3", num_nextn_predict_layers=2)
+    engine = Engine(model, page_size=4, num_speculative_tokens=2)
+    engine.drafter.gate = EveryNthStep(9)  # stretches of 8 plain steps: caught up at 6 rows, and before a round
+    rounds, draft_chain = [], engine.drafter.draft_chain
+
+    def recording_draft_chain(inputs, *args):
+        drafts = draft_chain(inputs, *args)
+        ms = inputs[:, 1].tolist()
+        rounds.extend((s, m, d1, d2) for s, m, d1, d2 in zip(engine.running, ms, *(d.tolist() for d in drafts)))
+        return drafts
+
+    engine.drafter.draft_chain = recording_draft_chain
+    prompts = [prompt(7, seed=1), prompt(12, seed=2)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=40, **GREEDY))
+    assert len(rounds) >= 6
+    for seq, m, first, second in rounds:
+        with torch.no_grad():  # the sequence up to token m, then the first draft (which depth 2 reads)
+            _, mtp = model(torch.tensor([(seq.prompt + seq.output)[: m + 1] + [first]]), return_mtp=True)
+        assert first == int(mtp[0][0, m - 1].argmax())  # depth 1 at position m - 1 predicts token m + 1
+        assert second == int(mtp[1][0, m - 1].argmax())  # depth 2 there, token m + 2
+    assert [o.outputs[0].token_ids for o in outs] == [naive_greedy(model, p, 40) for p in prompts]
 
 
 @pytest.mark.parametrize("right, most_often", [(3, 3), (2, 2), (1, 1), (0, 1)])
@@ -201,7 +307,8 @@ def test_speculative_sampling_keeps_the_output_distribution(draft_tokens):
             prefixes = torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), step)
             nxt = model(torch.cat((torch.tensor(context).expand(len(prefixes), -1), prefixes), 1))[:, -1].softmax(-1)
             joint = (joint[:, None] * nxt).flatten()
-    engine = Engine(model, max_batch_size=200, page_size=4, cache_tokens=2000, num_speculative_tokens=draft_tokens)
+    engine = Engine(model, max_batch_size=200, page_size=4, cache_tokens=2000, speculative="mtp",
+                    num_speculative_tokens=draft_tokens)
     n = 3000
     outs = engine.generate([context] * n, [SamplingParams(temperature=1.0, seed=i, max_tokens=length, ignore_eos=True)
                                            for i in range(n)])
@@ -231,7 +338,7 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("speculative, draft_tokens", [("off", None), ("auto", None), ("auto", "auto")])
+@pytest.mark.parametrize("speculative, draft_tokens", [("off", None), ("auto", None), ("mtp", None), ("mtp", "auto")])
 def test_requests_give_the_same_output_alone_and_in_a_busy_batch(speculative, draft_tokens):
     model = tiny_model("deepseek_v3")
     prompts = [prompt(n, seed=n) for n in (5, 12, 7, 20, 9)]

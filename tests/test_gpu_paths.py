@@ -240,7 +240,7 @@ def test_bucketed_decode_step_equals_the_plain_decode_step(kind):
             if bucketed:
                 steps = BucketedDecode(model, cache, max_batch_size=8, max_context=128, capture=False)
                 assert steps.bucket(3, 14) == (4, 128 // 4)  # one padding row, 32 pages of span
-                out = steps(next_ids, tables, lengths)
+                out = steps(next_ids, tables, lengths)[1]
             else:
                 positions = cache.begin_step(tables, lengths, [1, 1, 1])
                 out = model.logits(model.model(torch.tensor(next_ids)[:, None], positions, cache)[:, 0])

@@ -44,7 +44,8 @@ def test_speedrun_runs_every_stage_and_writes_the_report_card(tmp_path):
         assert f"| {name.upper()} | {results['tasks']['arith']['metrics']['accuracy']:.1%} |" in report
     assert "| MTP drafts accepted in the SFT eval | " in report  # the eval decodes with MTP drafts
     drafts_row = next(line for line in report.splitlines() if line.startswith("| MTP drafts accepted in the SFT"))
-    assert re.search(r"batch-1 greedy decoding \d+\.\d\d× plain \([\d,]+ vs [\d,]+ tokens/s\)", drafts_row)
+    assert re.search(r"batch-1 greedy decoding \d+\.\d\d× plain drafting every step, \d+\.\d\d× with speculative "
+                     r"auto \([\d,]+, [\d,]+ vs [\d,]+ tokens/s\)", drafts_row)
     samples = [json.loads(line) for line in (out / "eval" / "sft" / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["question"] in report and samples[1]["question"] in report
     assert samples[2]["question"] not in report

@@ -57,8 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "into --model's weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    p.add_argument("--speculative", choices=["auto", "off"], default="auto",
-                   help="MTP speculative decoding when the checkpoint has MTP layers (default auto)")
+    p.add_argument("--speculative", choices=("auto", "mtp", "off"), default="auto",
+                   help="MTP speculative decoding when the checkpoint has MTP layers: auto (greedy requests draft "
+                   "where measured to be faster), mtp (always draft) or off (default auto)")
     add_quantize_arguments(p)
     p.add_argument("--draft-tokens", type=draft_tokens_arg, default=None,
                    help="MTP draft tokens per round, chained past the MTP depth (default: the depth), or auto: "

@@ -7,7 +7,7 @@ span to 256 · 2^k tokens (whole pages, up to the context). Padding rows write a
 scratch page 0 and are never read back. Everything a step needs from the host (token ids, positions,
 block tables) travels in one int64 tensor [rows, W + 2] = [block table | position | token id], copied into
 the bucket's static input from pinned memory; the cache's write/read slots and mask are computed on the
-device inside the graph (PagedCache.set_step). The logits come back in the bucket's static output.
+device inside the graph (PagedCache.set_step). The hidden states and logits come back in the bucket's static outputs.
 
 Left on the host per token: that one input copy (asynchronous) and the read of the sampled token ids
 (the scheduler needs them for stop checks and streaming), which is the step's one synchronisation.
@@ -35,7 +35,7 @@ class _Graph:
     inputs: torch.Tensor  # static device input [rows, W + 2]
     staging: torch.Tensor  # pinned host copy of the next step's inputs
     copied: "torch.cuda.Event"  # the last copy out of staging finished
-    logits: torch.Tensor  # static device output [rows, vocab]
+    outputs: tuple[torch.Tensor, torch.Tensor]  # static device outputs: hidden [rows, H], logits [rows, vocab]
 
 
 class BucketedDecode:
@@ -62,9 +62,10 @@ class BucketedDecode:
         batch, width = key
         return torch.zeros(batch, width + 2, dtype=torch.long, device=self.cache.device), width
 
-    def __call__(self, token_ids: list[int], block_tables: list[list[int]], positions: list[int]) -> torch.Tensor:
-        """One decode step: row i feeds token_ids[i] at positions[i] through its block table → logits
-        [rows, vocab] (on CUDA a view of the graph's output, valid until the next step)."""
+    def __call__(self, token_ids: list[int], block_tables: list[list[int]], positions: list[int]):
+        """One decode step: row i feeds token_ids[i] at positions[i] through its block table → (the final
+        hidden states [rows, H] (MTP drafts read them), logits [rows, vocab]); on CUDA views of the graph's
+        outputs, valid until the next step."""
         n = len(token_ids)
         batch, width = self.bucket(n, max(positions) + 1)
         rows = [list(t[:width]) + [0] * (width - len(t[:width])) + [p, tok]
@@ -74,24 +75,25 @@ class BucketedDecode:
         graph = self._graph((batch, width)) if self.capture else None
         if graph is None:
             compiled = self.compiled.get((batch, width)) if self.compiled is not None else None
-            return (compiled or self.forward)(inputs.to(self.cache.device), width)[:n]
+            hidden, logits = (compiled or self.forward)(inputs.to(self.cache.device), width)
+            return hidden[:n], logits[:n]
         graph.copied.synchronize()  # the previous step's copy has left the staging buffer
         graph.staging.copy_(inputs)
         with torch.cuda.device(self.cache.device):
             graph.inputs.copy_(graph.staging, non_blocking=True)
             graph.copied.record()
             graph.graph.replay()
-        return graph.logits[:n]
+        return tuple(out[:n] for out in graph.outputs)
 
-    def forward(self, inputs: torch.Tensor, width: int, cache: PagedCache | None = None) -> torch.Tensor:
-        """The step itself, on static shapes: inputs [rows, W + 2] → logits [rows, vocab]. `cache`: the
-        engine's, or a shallow copy of it (compiled_decode.py's first run)."""
+    def forward(self, inputs: torch.Tensor, width: int, cache: PagedCache | None = None):
+        """The step itself, on static shapes: inputs [rows, W + 2] → (hidden [rows, H], logits [rows, vocab]).
+        `cache`: the engine's, or a shallow copy of it (compiled_decode.py's first run)."""
         cache = self.cache if cache is None else cache
         table, position, ids = inputs[:, :width], inputs[:, width : width + 1], inputs[:, width + 1 :]
         positions = cache.set_step(table, position, position + 1, 1, width * cache.page_size,
                                    own_aranges=self.capture or torch.compiler.is_compiling())
-        hidden = self.model.model(ids, positions, cache)
-        return self.model.logits(hidden[:, 0])
+        hidden = self.model.model(ids, positions, cache)[:, 0]
+        return hidden, self.model.logits(hidden)
 
     def _weights_key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
@@ -125,7 +127,7 @@ class BucketedDecode:
                     self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    logits = self.forward(inputs, width)
+                    outputs = self.forward(inputs, width)
                 copied = torch.cuda.Event()
                 copied.record()
         except Exception as e:  # a model whose step cannot be recorded decodes the plain way
@@ -135,5 +137,5 @@ class BucketedDecode:
             self.graphs.clear()
             return None
         staging = torch.zeros(batch, width + 2, dtype=torch.long, pin_memory=True)
-        self.graphs[(batch, width)] = entry = _Graph(graph, inputs, staging, copied, logits)
+        self.graphs[(batch, width)] = entry = _Graph(graph, inputs, staging, copied, outputs)
         return entry

@@ -5,10 +5,11 @@ its prompt and max_tokens up front, so admitted sequences never have to be preem
 advances the admitted prompts by one padded prefill forward of at most max_prefill_tokens tokens
 (reusing cached prefix pages; long prompts take several steps, so running sequences keep decoding),
 then advances every running sequence by one decode forward, or one MTP draft-and-verify round when
-the model carries MTP layers (num_speculative_tokens drafts, chained past the MTP depth, or "auto":
-speculative.py). Sequences leave the batch the step they finish; new ones join. On CUDA
-the plain decode round runs at bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py); on CPU
-with compile_decode, it and greedy MTP rounds are compiled per bucket in the background (compiled_decode.py).
+the model carries MTP layers (num_speculative_tokens drafts, chained past the MTP depth, or "auto"),
+always with speculative="mtp", and with "auto" where measured to be faster (speculative.py: DraftGate).
+Sequences leave the batch the step they finish; new ones join. On CUDA the plain decode round runs at
+bucketed static shapes, recorded as CUDA graphs (cuda_graphs.py); on CPU with compile_decode, it and greedy
+MTP rounds are compiled per bucket in the background (compiled_decode.py).
 A constrained request (SamplingParams.guide) gives each of its sequences a grammar state that masks its
 row of the logits before sampling (MTP drafts and their verification included) and advances with each
 accepted token (constraints.py). With prompt_logprobs the prefill also scores every prompt token
@@ -93,10 +94,12 @@ class Engine:
         capture = cuda_graphs in ("auto", "on") and self.device.type == "cuda"
         compile_decode = compile_decode and not capture and self.adapters is None
         buckets = Buckets(max_batch_size, self.max_context, page_size) if compile_decode else None
-        self.drafter = MTPDrafter(model, self.cache, num_speculative_tokens, buckets) if self.spec_depth else None
+        self.drafter = (MTPDrafter(model, self.cache, num_speculative_tokens, buckets, gated=speculative == "auto")
+                        if self.spec_depth else None)
         self.spec_tokens = self.drafter.max_tokens if self.drafter is not None else 0  # cache room past the end
+        plain_steps = self.drafter is None or self.drafter.gate is not None
         self.static_decode = (BucketedDecode(model, self.cache, max_batch_size, self.max_context, capture, compile_decode)
-                              if (capture or compile_decode or cuda_graphs == "eager") and not self.spec_depth
+                              if (capture or compile_decode or cuda_graphs == "eager") and plain_steps
                               and self.adapters is None else None)
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else self.config.eos_token_ids
         self._grammars: Grammars | None = None
@@ -413,22 +416,33 @@ class Engine:
     def _decode(self) -> None:
         seqs = list(self.running)
         self._select_adapters(seqs)
-        if self.drafter is not None:
+        drafts = self.drafter is not None and self.drafter.wants_round(seqs)
+        start, generated = time.perf_counter(), self.counters["generated_tokens"]
+        if drafts:
             grammars = self.grammars if any(s.grammar is not None for s in seqs) else None
             for seq, (tokens, logprobs) in zip(seqs, self.drafter.step(seqs, self._grow, grammars)):
                 self._append(seq, tokens, self._token_logprobs(*logprobs) if logprobs else None)
-            return
+        else:
+            self._plain_decode(seqs)
+        if self.drafter is not None:
+            emitted = self.counters["generated_tokens"] - generated
+            self.drafter.record(seqs, drafts, time.perf_counter() - start, emitted)
+
+    def _plain_decode(self, seqs: list[SequenceState]) -> None:
         for seq in seqs:
             self._grow(seq, seq.num_cached + 1)
         if self.static_decode is not None and self.static_decode.enabled:
-            logits = self.static_decode([s.output[-1] for s in seqs], [s.pages for s in seqs],
-                                        [s.num_cached for s in seqs])
+            hidden, logits = self.static_decode([s.output[-1] for s in seqs], [s.pages for s in seqs],
+                                                [s.num_cached for s in seqs])
         else:
             ids = torch.tensor([[s.output[-1]] for s in seqs], device=self.device)
             positions = self.cache.begin_step([s.pages for s in seqs], [s.num_cached for s in seqs], [1] * len(seqs))
-            logits = self.model.logits(self.model.model(ids, positions, self.cache)[:, 0])
+            hidden = self.model.model(ids, positions, self.cache)[:, 0]
+            logits = self.model.logits(hidden)
         for seq in seqs:
             seq.num_cached += 1
+        if self.drafter is not None:  # the MTP caches' inputs for a later round
+            self.drafter.advance(seqs, hidden)
         self._sample_and_append(seqs, logits)
 
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> None:

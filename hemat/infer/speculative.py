@@ -27,6 +27,14 @@ least AUTO_MIN_PROBABILITY of the time. Per sequence, so that a seeded request d
 in any batch. A batch drafts as many as its longest sampled row, or the shortest greedy one (a longer
 chain costs every row its verify positions), and a row verifies only its own.
 
+Whether a decode step drafts at all: always with speculative="mtp"; with "auto", as DraftGate measures.
+Drafts pay only when a round's extra work (the MTP forward, the verify positions) costs less than the
+tokens they add, which depends on the acceptance (stale MTP layers after fine-tuning accept few) and on the
+machine. "auto" drafts only for greedy rows, whose output no drafting decision changes: a timing-driven
+choice would change a seeded sampled row's draws, so sampled rows decode plainly (0 drafts of their own).
+After plain steps a sequence keeps the main hidden states since mtp_start, and the next round fills its MTP
+caches over them; past CATCH_UP_ROWS (or before a compiled round) they are filled in one MTP-only pass.
+
 A round whose rows are all plain greedy runs on tensors alone (greedy_round: drafts, verify forward and
 acceptance), so that on CPU it can be compiled per bucket (padded batch, span, n) as the plain decode
 step is (compiled_decode.py); padding rows write only the cache's scratch page."""
@@ -46,6 +54,7 @@ AUTO_MAX_TOKENS = 3  # the longest chain "auto" drafts
 AUTO_MIN_PROBABILITY = 0.75  # draft j only while drafts 1..j are all accepted this often (a verify
 # position costs a fair share of a decode step once a CPU batch is compute-bound: 0.6 lost at batch 16)
 DECAY = 0.98  # the running acceptance statistics forget at this rate per round
+CATCH_UP_ROWS = 256  # main hidden states a sequence keeps for its MTP caches before they are filled
 
 
 def plain_greedy(params) -> bool:
@@ -82,10 +91,81 @@ class ChainLength:
             self.accepted[j] = self.accepted[j] * DECAY + (j < accepted)
 
 
+class DraftGate:
+    """speculative="auto": whether a decode step runs a draft-and-verify round or a plain step, from the
+    measured speed of each per batch bucket (rows rounded up to a power of two): the mean tokens a step
+    emits over its last TOKENS_WINDOW steps (a round's acceptance varies with the text) over the median of
+    its last WINDOW steps' seconds (the median: a loaded machine stalls a step now and then by 10× and
+    more). Each mode is measured first (SAMPLES steps, after WARM discarded ones: first calls, allocations);
+    then the faster runs (drafting only when faster by MARGIN: near break-even a round's extra work is not
+    worth its noise), and the slower is timed again (SAMPLES steps, its old times dropped as stale)
+    after `retry` steps, doubling while it keeps losing (up to MAX_RETRY), so that a change in acceptance
+    or in cost (a bucket compiled, a longer context, other load) is seen."""
+
+    WARM, SAMPLES, WINDOW, TOKENS_WINDOW = 1, 3, 8, 64
+    RETRY, MAX_RETRY = 16, 512
+    MARGIN = 0.05
+
+    def __init__(self):
+        self.buckets: dict[int, dict] = {}
+
+    def _bucket(self, rows: int) -> dict:
+        key = 1 << (rows - 1).bit_length()
+        if key not in self.buckets:  # per mode (True: drafting): recent steps' seconds and tokens, steps seen
+            self.buckets[key] = dict(seconds={True: [], False: []}, tokens={True: [], False: []},
+                                     seen={True: 0, False: 0}, since=0, retry=self.RETRY, retry_left=0,
+                                     retry_mode=False)
+        return self.buckets[key]
+
+    def speed(self, rows: int, drafted: bool) -> float | None:
+        """Tokens per second of the mode in this batch bucket, as measured (None: not yet)."""
+        b = self._bucket(rows)
+        seconds, tokens = sorted(b["seconds"][drafted]), b["tokens"][drafted]
+        if not seconds:
+            return None
+        return sum(tokens) / len(tokens) / max(seconds[len(seconds) // 2], 1e-9)
+
+    def drafts(self, rows: int) -> bool:
+        """Whether the next step of a batch of `rows` drafts."""
+        b = self._bucket(rows)
+        for mode in (True, False):
+            if b["seen"][mode] < self.WARM + self.SAMPLES:
+                return mode
+        if not b["retry_left"] and b["since"] >= b["retry"]:  # retry the slower: its old record is stale
+            b["retry_mode"] = slower = not self._pays(rows)
+            b["retry_left"] = self.SAMPLES
+            b["seconds"][slower].clear()
+        if b["retry_left"]:
+            return b["retry_mode"]
+        return self._pays(rows)
+
+    def _pays(self, rows: int) -> bool:
+        return self.speed(rows, True) > (1 + self.MARGIN) * self.speed(rows, False)
+
+    def record(self, rows: int, drafted: bool, seconds: float, tokens: int) -> None:
+        """One step's measurement: it drafted or not, took `seconds` and emitted `tokens`."""
+        b = self._bucket(rows)
+        b["seen"][drafted] += 1
+        if b["seen"][drafted] <= self.WARM:
+            return
+        b["seconds"][drafted][:] = b["seconds"][drafted][1 - self.WINDOW :] + [seconds]
+        b["tokens"][drafted][:] = b["tokens"][drafted][1 - self.TOKENS_WINDOW :] + [tokens]
+        if b["retry_left"] and drafted == b["retry_mode"]:
+            b["retry_left"] -= 1
+            if not b["retry_left"]:  # again the slower: retried later still; now the faster: the usual wait
+                still_slower = drafted != self._pays(rows)
+                b["since"], b["retry"] = 0, min(b["retry"] * 2, self.MAX_RETRY) if still_slower else self.RETRY
+        elif min(b["seen"].values()) >= self.WARM + self.SAMPLES:
+            b["since"] += 1
+
+
 class MTPDrafter:
-    def __init__(self, model, cache, num_speculative_tokens: int | str | None = None, buckets: Buckets | None = None):
-        """buckets: compile plain greedy rounds per (padded batch, span, drafts) bucket (compiled_decode.py)."""
+    def __init__(self, model, cache, num_speculative_tokens: int | str | None = None, buckets: Buckets | None = None,
+                 gated: bool = False):
+        """buckets: compile plain greedy rounds per (padded batch, span, drafts) bucket (compiled_decode.py).
+        gated: speculative="auto" (DraftGate decides which steps draft; sampled rows never do)."""
         self.model, self.cache = model, cache
+        self.gate = DraftGate() if gated else None
         self.depth = len(model.mtp_layers)
         num_speculative_tokens = self.depth if num_speculative_tokens is None else num_speculative_tokens
         self.adaptive = num_speculative_tokens == "auto"
@@ -103,7 +183,38 @@ class MTPDrafter:
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
 
+    def wants_round(self, seqs: Sequence) -> bool:
+        """Whether this decode step drafts. A round after plain steps first fills the MTP caches of rows that
+        kept more hidden states than a compiled round takes (not part of the round the gate times)."""
+        if self.gate is not None and not (any(s.params.greedy for s in seqs) and self.gate.drafts(len(seqs))):
+            return False
+        self._catch_up([s for s in seqs if len(s.hidden) > self.max_tokens + self.depth])
+        return True
+
+    def record(self, seqs: Sequence, drafted: bool, seconds: float, tokens: int) -> None:
+        """A decode step's time and emitted tokens, for the gate."""
+        if self.gate is not None and any(s.params.greedy for s in seqs):
+            self.gate.record(len(seqs), drafted, seconds, tokens)
+
+    def advance(self, seqs: Sequence, hidden: torch.Tensor) -> None:
+        """After a plain decode step (hidden [B, H] at each row's new position): keep it for the MTP caches."""
+        for i, s in enumerate(seqs):
+            s.hidden = torch.cat((s.hidden, hidden[i : i + 1]))
+        self._catch_up([s for s in seqs if len(s.hidden) > CATCH_UP_ROWS])
+
+    def _catch_up(self, seqs: Sequence) -> None:
+        """Fill the MTP caches over every position whose inputs are committed tokens (j < num_cached - D),
+        keeping the last D hidden states, as after a prefill."""
+        if not seqs:
+            return
+        ends = [s.num_cached - self.depth for s in seqs]
+        self._fill(seqs, [s.hidden[: e - s.mtp_start] for s, e in zip(seqs, ends)], [s.mtp_start for s in seqs], ends)
+        for s, e in zip(seqs, ends):
+            s.hidden, s.mtp_start = s.hidden[e - s.mtp_start :], e
+
     def _num_tokens(self, seq) -> int:
+        if self.gate is not None and not seq.params.greedy:
+            return 0
         if not self.adaptive:
             return self.max_tokens
         if seq.chain is None:
@@ -123,14 +234,19 @@ class MTPDrafter:
             s.mtp_start = max(p - d, 0)
             tail = hidden[i, max(s.mtp_start - start, 0) : lengths[i]]
             s.hidden = tail.clone() if s.hidden is None else torch.cat((s.hidden, tail))
-        if not rows:
-            return
-        lengths = [e - starts[i] for i, e in zip(rows, ends)]
+        if rows:
+            self._fill([seqs[i] for i in rows], [hidden[i, : e - starts[i]] for i, e in zip(rows, ends)],
+                       [starts[i] for i in rows], ends)
+
+    def _fill(self, seqs: Sequence, hidden: Sequence[torch.Tensor], starts: Sequence[int], ends: Sequence[int]) -> None:
+        """Run every MTP depth over positions starts[i]..ends[i]-1 of each sequence (hidden[i]: the main hidden
+        states there; the tokens they read, up to ends[i] + D - 1, are committed): its MTP caches there."""
+        d, lengths = self.depth, [e - a for a, e in zip(starts, ends)]
         t = max(lengths)
-        positions = self.cache.begin_step([seqs[i].pages for i in rows], [starts[i] for i in rows], lengths)
+        positions = self.cache.begin_step([s.pages for s in seqs], list(starts), lengths)
         rope = self.model.model.rotary_emb(positions)
-        ids = self._ids([seqs[i].prompt[starts[i] + 1 : e + d] for i, e in zip(rows, ends)], t + d)
-        h = pad_sequence([hidden[i, :n] for i, n in zip(rows, lengths)], batch_first=True)
+        ids = self._ids([s.tokens(a + 1, e + d) for s, a, e in zip(seqs, starts, ends)], t + d)
+        h = pad_sequence(list(hidden), batch_first=True)
         for k in range(d):
             h = self.model.mtp_depth(k, h, ids[:, k : k + t], rope, self.cache)
 
@@ -164,7 +280,7 @@ class MTPDrafter:
             s.mtp_start = m - d + 1
             if s.chain is not None:
                 s.chain.record(a, ns[i])
-        self.rounds += len(seqs)
+        self.rounds += sum(k > 0 for k in ns)
         self.drafted += sum(ns)
         self.accepted += sum(accepted)
         return results
