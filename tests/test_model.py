@@ -345,13 +345,13 @@ class ContiguousCache:
     def __init__(self):
         self.store = {}
 
-    def update(self, layer_idx, *new):
+    def attend(self, layer_idx, attention, q, new, scale):
         old = self.store.get(layer_idx)
         full = new if old is None else tuple(torch.cat((o, n), dim=1) for o, n in zip(old, new))
         self.store[layer_idx] = full
         t, s = new[0].shape[1], full[0].shape[1]
         mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)
-        return (*full, mask.expand(new[0].shape[0], t, s))
+        return attention(q, *full, mask.expand(new[0].shape[0], t, s), scale)
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3", "llama"])

@@ -122,4 +122,4 @@ def test_turned_off_they_leave_pytorchs_kernels_and_say_so_once(monkeypatch, cap
         model = prepare_for_inference(model_of(llama_config()), "int4", group_size=32)
         prepare_for_inference(model_of(llama_config()), "int8")
     assert isinstance(model.lm_head, Int4Linear) and not isinstance(model.lm_head, vnni.VnniInt4Linear)
-    assert capsys.readouterr().err.count(f"PyTorch's packed kernels ({vnni.DISABLE}=0)") == 1
+    assert capsys.readouterr().err.count(f"attention gathers the KV cache ({vnni.DISABLE}=0)") == 1

@@ -12,7 +12,10 @@ whose last user ended stays cached (evictable, least recently used first) until 
 Page 0 is never handed out: padded rows of a batch write there and read from there, masked out.
 
 Per forward, `begin_step` turns the batch's block tables, start positions and new-token counts into
-write slots, read slots and the attention mask once; every layer's `update` then only writes and gathers."""
+write slots, read slots and the attention mask once; every layer's `attend` then writes its new entries and
+attends to the cached ones: on a CPU where hemat's kernels run, a few new tokens per row read the pages in
+place (hemat::paged_attention, paged_attention.cpp); otherwise the entries are gathered to [B, S, ...] for
+the model's own attention function."""
 
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ from collections.abc import Sequence
 import torch
 
 from hemat.errors import HematError
+from hemat.infer import vnni
 from hemat.model.config import ModelConfig
+
+PAGED_KERNEL_TOKENS = 16  # new tokens per row up to which the paged kernel attends (decode, drafts' verify);
+# longer steps (prefill) gather the pages for SDPA's blocked kernels
 
 
 class PageAllocator:
@@ -128,7 +135,10 @@ class PagedCache:
         self.bytes_per_token = elements * element_size * config.num_hidden_layers
         self.mtp_bytes_per_token = elements * element_size * (num_layers - config.num_hidden_layers)
         self.device = device
-        self._write = self._read = self._mask = None
+        head_sizes = (width,) if config.is_mla else shape[1:]
+        self.paged_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                             and all(size % 16 == 0 for size in head_sizes) and vnni.kernels())
+        self._write = self._read = self._mask = self._pages = None
         self._positions = torch.arange(page_size, device=device)
         self._shape = (0, 0, 0)
 
@@ -166,6 +176,7 @@ class PagedCache:
         self._read = torch.where(k_pos < total, slot_of[:, :s], 0).flatten()
         # a padded query attends like the row's last token, so no softmax row is empty
         self._mask = k_pos <= torch.minimum(q_pos, total - 1)[:, :, None]  # [B, T, S]
+        self._pages = (table, q_pos, total)
         self._shape = (table.shape[0], t, s)
         return q_pos
 
@@ -175,9 +186,13 @@ class PagedCache:
             self._positions = torch.arange(max(n, 2 * self._positions.shape[0]), device=self.device)
         return self._positions[:n]
 
-    def update(self, layer_idx: int, *new: torch.Tensor):
-        """Write the new tokens' entries of one layer, return every entry [B, S, ...] and the mask. MLA's
-        (latent, k_pe) come back as the two halves of one gathered [B, S, r + rope] buffer."""
+    def attend(self, layer_idx: int, attention, q: torch.Tensor, new: tuple[torch.Tensor, ...],
+               scale: float) -> torch.Tensor:
+        """Write the new tokens' entries of one layer (GQA's k and v, MLA's latent and k_pe), then attend q
+        [B, T, H, d] to every entry of its sequence → [B, T, H, dv]: `attention(q, *entries, mask, scale)`
+        over the entries gathered to [B, S, ...] (MLA's latent and k_pe as the two halves of one gathered
+        buffer), or the same computed by hemat's paged kernel (MLA: one key/value head, the latent the
+        value)."""
         b, t, s = self._shape
         stores, widths = self.stores[layer_idx], [x.shape[-1] for x in new]
         if len(stores) < len(new):  # MLA: whole rows in one write (torch.compile copies a whole store
@@ -185,10 +200,13 @@ class PagedCache:
         for store, x in zip(stores, new):
             x = x.reshape(b * t, *store.shape[1:])
             store.index_copy_(0, self._write, x if x.dtype == store.dtype else x.to(store.dtype))
-        out = [store.index_select(0, self._read).view(b, s, *store.shape[1:]) for store in stores]
-        if len(out) < len(widths):
-            out = out[0].split(widths, dim=-1)
-        return (*out, self._mask)
+        if self.paged_kernel and t <= PAGED_KERNEL_TOKENS and q.dtype == stores[0].dtype:
+            k, v = stores if len(stores) == 2 else (stores[0][:, None], stores[0][:, None, : widths[0]])
+            return torch.ops.hemat.paged_attention(q, k, v, *self._pages, self.page_size, scale)
+        entries = [store.index_select(0, self._read).view(b, s, *store.shape[1:]) for store in stores]
+        if len(entries) < len(widths):
+            entries = entries[0].split(widths, dim=-1)
+        return attention(q, *entries, self._mask, scale)
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy one page's entries in every layer (a forked sequence's own copy of a shared page)."""

@@ -325,11 +325,11 @@ class FoldedMLA(nn.Module):
         q = torch.cat((q_latent, apply_rope(q_pe, *rope, interleaved=self.interleaved)), dim=-1)
         if cache is None:
             mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
+            out = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T, H, r]
         else:
-            latent, k_pe, mask = cache.update(self.layer_idx, latent, k_pe)
-        out = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T*H, r]
+            out = cache.attend(self.layer_idx, attend_latent, q, (latent, k_pe), self.scale)
         if self.w_uv is not None:
-            out = self.expand_values(out.view(b, t, self.n_heads, -1))
+            out = self.expand_values(out)
         return self.o_proj(out.reshape(b, t, -1))
 
     def absorb_keys(self, q_nope: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""The int8/int4 linears over hemat's own CPU kernels (vnni.cpp: the weights times int8 activations with
-AVX-512 VNNI, llama.cpp's way, as the operators hemat::int8_linear and hemat::int4_linear), compiled on
-first use with the system's C++ compiler against torch's headers into a cache directory (about 10 s, once).
-They replace the weight-only forms of quantize.py where `kernels()` is true; it is false, with the reason
-printed once, where they cannot run (no compiler, a CPU without AVX-512 VNNI, not Linux x86-64) or where
-HEMAT_NATIVE_KERNELS=0 asks for PyTorch's packed kernels instead. Being operators, they cost ~2 us a call
-and torch.compile keeps a decode step that calls them in one graph.
+"""hemat's own CPU kernels, compiled on first use with the system's C++ compiler against torch's headers into
+a cache directory (about 15 s, once), and the int8/int4 linears over them. vnni.cpp multiplies the weights
+by int8 activations with AVX-512 VNNI, llama.cpp's way (the operators hemat::int8_linear and
+hemat::int4_linear); paged_attention.cpp attends straight from the paged KV cache (hemat::paged_attention,
+which cache.py calls). They replace the weight-only forms of quantize.py and the cache's gather where
+`kernels()` is true; it is false, with the reason printed once, where they cannot run (no compiler, a CPU
+without AVX-512 VNNI, not Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
+Being operators, they cost ~2 us a call and torch.compile keeps a decode step that calls them in one graph.
 
 Quantizing the activations changes the numbers slightly (each block of 32 inputs in 8 bits: about 0.5% of
 a projection's output norm on random inputs), the way llama.cpp's q8_0 activations do."""
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from hemat.infer.quantize import (Int4Linear, Int8Linear, PackedLinear, QuantizationError, quantize_int4, quantize_int8,
                                   row_chunks)
 
-SOURCE = Path(__file__).with_name("vnni.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "paged_attention.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 DISABLE = "HEMAT_NATIVE_KERNELS"
 
@@ -38,13 +39,14 @@ def cache_dir() -> Path:
 
 @functools.cache
 def kernels() -> bool:
-    """Whether hemat::int8_linear and hemat::int4_linear are loaded (built first if need be); where they
-    cannot be, the reason is printed once to stderr."""
+    """Whether hemat's operators are loaded (built first if need be); where they cannot be, the reason is
+    printed once to stderr."""
     try:
         _load()
         return True
     except _Unavailable as reason:
-        print(f"hemat: int8/int4 use PyTorch's packed kernels ({reason})", file=sys.stderr)
+        print(f"hemat: int8/int4 use PyTorch's packed kernels and attention gathers the KV cache ({reason})",
+              file=sys.stderr)
         return False
 
 
@@ -69,9 +71,10 @@ def _load() -> None:
     command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw",
                "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-w",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
-               str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *command]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"vnni-{key}.so"
+               *map(str, SOURCES), f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join([torch.__version__, *command]).encode()).hexdigest()[:16]
+    library = cache_dir() / f"hemat-kernels-{key}.so"
     if not library.exists():
         _build(command, library)
     torch.ops.load_library(str(library))
@@ -79,17 +82,19 @@ def _load() -> None:
     torch.library.register_fake("hemat::int8_linear", lambda rows, weight, scale: rows.new_empty(len(rows), len(weight)))
     torch.library.register_fake("hemat::int4_linear", lambda rows, packed, scale, offset, group_size:
                                 rows.new_empty(len(rows), len(packed)))
+    torch.library.register_fake("hemat::paged_attention", lambda q, k, v, table, q_pos, total, page_size, scale:
+                                q.new_empty(*q.shape[:3], v.shape[-1]))
 
 
 def _build(command: list[str], library: Path) -> None:
-    """Compile (about 10 s, once per source and torch version) into a temporary file renamed into place, so
+    """Compile (about 15 s, once per source and torch version) into a temporary file renamed into place, so
     that concurrent first uses never load a half-written library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         out = Path(tmp) / library.name
         result = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True)
         if result.returncode:
-            raise _Unavailable(f"{command[0]} could not build {SOURCE.name}: {result.stderr.strip()[-500:]}")
+            raise _Unavailable(f"{command[0]} could not build hemat's kernels: {result.stderr.strip()[-500:]}")
         os.replace(out, library)
 
 

@@ -107,7 +107,8 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        mask = None
-        if cache is not None:
-            k, v, mask = cache.update(self.layer_idx, k, v)
-        return self.o_proj(attend(q, k, v, mask, self.scale).reshape(b, t, -1))
+        if cache is None:
+            out = attend(q, k, v, None, self.scale)
+        else:
+            out = cache.attend(self.layer_idx, attend, q, (k, v), self.scale)
+        return self.o_proj(out.reshape(b, t, -1))

@@ -72,8 +72,7 @@ class MLAttention(nn.Module):
         if cache is None:
             out = self._expanded(q_nope, q_pe, latent, k_pe)
         else:
-            latent, k_pe, mask = cache.update(self.layer_idx, latent, k_pe)
-            out = self.absorbed(q_nope, q_pe, latent, k_pe, mask)
+            out = self.absorbed(q_nope, q_pe, latent, k_pe, cache)
         return self.o_proj(out.reshape(b, t, -1))
 
     def _down_project(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,14 +90,15 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1)
         return causal_attention(q, k, v, self.scale)
 
-    def absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
-        """q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,S,r], k_pe [B,S,rope], mask [B,T,S] → [B,T,H,v]."""
+    def absorbed(self, q_nope, q_pe, latent, k_pe, cache) -> torch.Tensor:
+        """q_nope [B,T,H,nope], q_pe [B,T,H,rope], the new tokens' latent [B,T,r] and k_pe [B,T,rope] → [B,T,H,v],
+        attending through the cache to every cached token."""
         b, t, h, _ = q_nope.shape
         w_uk, w_uv = self._kv_b_heads()
         # per head: q_latent[h] = q_nope[h] · W_UK[h], as one batched matmul over the heads
         q_latent = torch.bmm(q_nope.reshape(b * t, h, -1).transpose(0, 1), w_uk).transpose(0, 1)
         q = torch.cat((q_latent.reshape(b, t, h, -1), q_pe), dim=-1)
-        out_latent = attend_latent(q, latent, k_pe, mask, self.scale)  # [B, T*H, r]
+        out_latent = cache.attend(self.layer_idx, attend_latent, q, (latent, k_pe), self.scale)  # [B, T, H, r]
         out = torch.bmm(out_latent.view(b * t, h, -1).transpose(0, 1), w_uv.transpose(1, 2))
         return out.transpose(0, 1).reshape(b, t, h, self.v_dim)
 
@@ -110,13 +110,13 @@ class MLAttention(nn.Module):
 
 def attend_latent(q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
-    """q [B,T,H,r+rope] against the one key [c_KV ; k_pe] [B,S,r+rope] all heads share → P · c_KV [B,T*H,r]."""
+    """q [B,T,H,r+rope] against the one key [c_KV ; k_pe] [B,S,r+rope] all heads share → P · c_KV [B,T,H,r]."""
     b, t, h, d = q.shape
     kv = _joined(latent, k_pe)
     scores = torch.baddbmm(additive_mask(mask, h, q.dtype), q.reshape(b, t * h, d), kv.transpose(1, 2), alpha=scale)
     if scores.dtype != torch.float32:  # the softmax in fp32
-        return torch.bmm(scores.float().softmax(dim=-1).to(latent.dtype), latent)
-    return torch.bmm(scores.softmax(dim=-1), latent)
+        return torch.bmm(scores.float().softmax(dim=-1).to(latent.dtype), latent).view(b, t, h, -1)
+    return torch.bmm(scores.softmax(dim=-1), latent).view(b, t, h, -1)
 
 
 def _joined(latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:

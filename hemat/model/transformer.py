@@ -5,9 +5,11 @@ so hf.py maps a state dict to and from disk with little more than the routed exp
 
 `CausalLM(input_ids)` returns logits [batch, seq, vocab]. Optional arguments:
 - `positions` [batch, seq]: token positions (default 0..seq-1); the engine passes them with a cache.
-- `cache`: an object with `update(layer_idx, *new) -> (*all, mask)` that stores the new tokens'
-  cache entries of one layer and returns every cached entry of each sequence, padded to [batch, S, ...],
-  with a mask [batch, seq, S] (True = attend). MLA layers hand it (latent, k_pe); GQA layers (k, v).
+- `cache`: an object with `attend(layer_idx, attention, q, new, scale) -> [batch, seq, heads, dv]` that
+  stores the new tokens' cache entries of one layer (`new`: (latent, k_pe) from MLA layers, (k, v) from
+  GQA layers) and attends q to every cached entry of each sequence: `attention(q, *entries, mask, scale)`
+  with the entries padded to [batch, S, ...] and a mask [batch, seq, S] (True = attend), or a kernel
+  that computes the same over the cache's own storage.
 - `return_mtp=True`: also return the multi-token-prediction logits, a list with one tensor per MTP
   depth k = 1..D of shape [batch, seq - k, vocab], where position i predicts token i + k + 1."""
 

@@ -219,7 +219,7 @@ class RowLoader:
 
 # ---- the loss ---------------------------------------------------------------------------------------------
 class DocumentMask:
-    """Stands in for a KV cache in a training forward: every layer gets its own keys back with a
+    """Stands in for a KV cache in a training forward: every layer attends to its own keys under a
     block-diagonal causal mask [batch, seq, seq], so packed conversations never see each other."""
 
     def __init__(self, documents: torch.Tensor):
@@ -227,9 +227,9 @@ class DocumentMask:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
         self.mask = (documents[:, :, None] == documents[:, None, :]) & causal
 
-    def update(self, layer_idx: int, *new: torch.Tensor):
-        t = new[0].shape[1]  # an MTP depth's queries are the first t positions
-        return (*new, self.mask[:, :t, :t])
+    def attend(self, layer_idx: int, attention, q: torch.Tensor, new: tuple[torch.Tensor, ...], scale: float):
+        t = q.shape[1]  # an MTP depth's queries are the first t positions
+        return attention(q, *new, self.mask[:, :t, :t], scale)
 
 
 def sft_loss(model, batch, mtp_weight: float = 0.0, chunk: int = 2048) -> tuple[torch.Tensor, dict]:
