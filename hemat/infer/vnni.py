@@ -1,5 +1,5 @@
 """hemat's own CPU kernels, compiled on first use with the system's C++ compiler against torch's headers into
-a cache directory (about 15 s, once), and the int8/int4 linears over them. vnni.cpp multiplies the weights
+a cache directory (about 30 s, once), and the int8/int4 linears over them. vnni.cpp multiplies the weights
 by int8 activations with AVX-512 VNNI, llama.cpp's way (the operators hemat::int8_linear and
 hemat::int4_linear); paged_attention.cpp attends straight from the paged KV cache (hemat::paged_attention,
 which cache.py calls). They replace the weight-only forms of quantize.py and the cache's gather where
@@ -87,7 +87,7 @@ def _load() -> None:
 
 
 def _build(command: list[str], library: Path) -> None:
-    """Compile (about 15 s, once per source and torch version) into a temporary file renamed into place, so
+    """Compile (about 30 s, once per source and torch version) into a temporary file renamed into place, so
     that concurrent first uses never load a half-written library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
