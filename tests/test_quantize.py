@@ -14,6 +14,7 @@ from hemat.infer.quantize import (
     DenseLinear,
     FoldedMLA,
     FusedMLP,
+    FusedQKVAttention,
     InferenceExperts,
     Int4Linear,
     Int8Linear,
@@ -174,6 +175,19 @@ def decode_with_paged_cache(model, ids: torch.Tensor) -> torch.Tensor:
             positions = cache.begin_step(tables, [start] * b, [n] * b)
             pieces.append(model(ids[:, start : start + n], positions=positions, cache=cache))
     return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: q, k and v biases
+def test_fused_qkv_attention_matches_the_reference(model_type):
+    model = model_of(llama_config(model_type=model_type))
+    prepared = prepare_for_inference(model)
+    forms = [m for m in prepared.modules() if isinstance(m, FusedQKVAttention)]
+    assert len(forms) == 2 and (forms[0].qkv_proj.bias is not None) == (model_type == "qwen2")
+    assert not any(isinstance(m, FusedQKVAttention) for m in model.modules())  # the reference is untouched
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(ids), model(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decode_with_paged_cache(prepared, ids), model(ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])

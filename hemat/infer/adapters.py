@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from hemat.errors import HematError
-from hemat.infer.quantize import FoldedMLA, FusedMLP, prepare_loaded
+from hemat.infer.quantize import FoldedMLA, FusedMLP, FusedQKVAttention, prepare_loaded
 from hemat.model.adapter_io import load_adapter, remove_adapters
-from hemat.model.dense import MLP
+from hemat.model.dense import MLP, GQAttention
 from hemat.model.lora import LoraExperts, LoraError, decoder_modules, adapter_modules
 from hemat.model.mla import MLAttention
 
@@ -114,7 +114,7 @@ def prepare_with_adapters(model, adapters: dict[str, str | Path], quantize: str 
     dtype, device = model.dtype, model.device
     served = set()
     for path, ref in decoder_modules(model):
-        form = prepared.get_submodule(path) if isinstance(ref, (MLAttention, MLP)) else None
+        form = prepared.get_submodule(path) if isinstance(ref, (MLAttention, GQAttention, MLP)) else None
         if isinstance(form, FoldedMLA):
             joins = {"down": ["q_a_proj", "kv_a_proj_with_mqa"] if ref.q_rank else ["kv_a_proj_with_mqa"],
                      "q_proj": ["q_b_proj" if ref.q_rank else "q_proj"], "o_proj": ["o_proj"]}
@@ -122,6 +122,9 @@ def prepare_with_adapters(model, adapters: dict[str, str | Path], quantize: str 
             if any(f"{path}.kv_b_proj" in f for f in factors):
                 _adapt_latent(form, ref, [f.get(f"{path}.kv_b_proj") for f in factors], rows, dtype)
                 served.add(f"{path}.kv_b_proj")
+        elif isinstance(form, FusedQKVAttention):
+            joins = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "o_proj": ["o_proj"]}
+            served |= _wrap_joined(prepared, model, path, joins, factors, rows, dtype)
         elif isinstance(form, FusedMLP):
             joins = {"gate_up": ["gate_proj", "up_proj"], "down": ["down_proj"]}
             served |= _wrap_joined(prepared, model, path, joins, factors, rows, dtype)

@@ -101,14 +101,18 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k, v = k.view(b, t, self.n_kv_heads, self.head_dim), v.view(b, t, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if cache is None:
             out = attend(q, k, v, None, self.scale)
         else:
             out = cache.attend(self.layer_idx, attend, q, (k, v), self.scale)
         return self.o_proj(out.reshape(b, t, -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, T, heads · head_dim] (quantize.py's inference form computes them in one matmul)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
