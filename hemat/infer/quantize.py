@@ -450,7 +450,8 @@ class _Builder:
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         bias = torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None
         qkv = self.linear(f"{name}.qkv_proj", torch.cat([p.weight.detach() for p in projections]), bias)
-        return FusedQKVAttention(attn, qkv, self.linear(f"{name}.o_proj", attn.o_proj.weight.detach(), attn.o_proj.bias))
+        o_proj = self.linear(f"{name}.o_proj", attn.o_proj.weight.detach(), attn.o_proj.bias)
+        return FusedQKVAttention(attn, qkv, o_proj)
 
     def mla(self, name: str, attn: MLAttention) -> FoldedMLA:
         h, r, rope, nope, v = attn.n_heads, attn.kv_rank, attn.rope_dim, attn.nope_dim, attn.v_dim
