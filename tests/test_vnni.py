@@ -38,9 +38,9 @@ def pytorch_kernels(monkeypatch):
         vnni.kernels.cache_clear()
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels multiply: each block of 32 inputs rounded to 255 levels of its largest magnitude."""
-    blocks = x.view(len(x), -1, 32)
+def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the kernels multiply: each block of inputs rounded to 255 levels of its largest magnitude."""
+    blocks = x.view(len(x), -1, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     scale = amax / 127
     q = (blocks * torch.where(amax > 0, 127 / amax, 0)).round().clamp(-128, 127)
@@ -62,7 +62,8 @@ def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows, inp
     for module in forms(weight, bias, group_sizes):
         assert rows < module.dense_rows
         got = module(x)
-        expected = F.linear(int8_activations(x), module.dequantized()) + bias
+        block = 128 if getattr(module, "group_size", 0) >= 128 else 32  # int4 with one scale per 128+ inputs
+        expected = F.linear(int8_activations(x, block), module.dequantized()) + bias
         assert got.dtype == torch.float32 and got.shape == (rows, 97)
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
         # the activations' rounding is all that separates it from the unquantized input

@@ -1,7 +1,8 @@
 // int8/int4 weights times int8 activations with AVX-512 VNNI (the way llama.cpp's q4_0 x q8_0 dot products
 // work), registered as the PyTorch operators hemat::int8_linear and hemat::int4_linear. Each token's
-// activations are quantized to int8 in blocks of 32 (one scale each), the weights stay packed, and `vpdpbusd`
-// multiplies 64 unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
+// activations are quantized to int8 in blocks of 32 (one scale each; 128 against int4 groups of 128 or more, as
+// llama.cpp's q8_K blocks of 256 serve its k-quants), the weights stay packed, and `vpdpbusd` multiplies 64
+// unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
 // Decoding reads each weight once per token, so this runs at memory speed where a weight-only kernel that
 // converts every weight to float is bound by that conversion.
 //
@@ -21,32 +22,39 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 32;  // inputs per activation scale
-constexpr int ROWS = 4;        // output rows per tile: each activation chunk loaded once for all of them
+constexpr int64_t BLOCK = 32, WIDE_BLOCK = 128;  // inputs per activation scale: see Activations
+constexpr int ROWS = 4;  // output rows per tile: each activation chunk loaded once for all of them
 
-// The activations of M tokens in int8: q [M, K], scale [M, K/32] and sum [M, K/32] = scale * sum(q) per block
+// The activations of M tokens in int8, in blocks of `block` inputs (32, or 128 where the weights have one scale
+// per 128 or more: a block's dot product then stays in int32 until its end): q [M, K], scale [M, K/block] and
+// sum [M, K/block] = scale * sum(q) per block
 struct Activations {
+    int64_t block;
     std::vector<int8_t> q;
     std::vector<float> scale, sum;
 
-    Activations(const float* x, int64_t M, int64_t K) : q(M * K), scale(M * K / BLOCK), sum(M * K / BLOCK) {
-        for (int64_t b = 0; b < M * K / BLOCK; b++) {
-            const float* xb = x + b * BLOCK;
-            const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));  // round to nearest even
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * BLOCK]), _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * BLOCK + 16]), _mm512_cvtsepi32_epi8(q1));
-            scale[b] = amax / 127.0f;
-            sum[b] = scale[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    Activations(const float* x, int64_t M, int64_t K, int64_t block)
+        : block(block), q(M * K), scale(M * K / block), sum(M * K / block) {
+        for (int64_t b = 0; b < M * K / block; b++) {
+            const float* xb = x + b * block;
+            __m512 amax = _mm512_setzero_ps();
+            for (int64_t i = 0; i < block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+            const float top = _mm512_reduce_max_ps(amax);
+            const __m512 inv = _mm512_set1_ps(top > 0 ? 127.0f / top : 0.0f);
+            __m512i total = _mm512_setzero_si512();
+            for (int64_t i = 0; i < block; i += 16) {
+                const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));  // to nearest even
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * block + i]), _mm512_cvtsepi32_epi8(qi));
+                total = _mm512_add_epi32(total, qi);
+            }
+            scale[b] = top / 127.0f;
+            sum[b] = scale[b] * static_cast<float>(_mm512_reduce_add_epi32(total));
         }
     }
 
     // Per token, the sums of `sum` over each group of `group` inputs: [M, K/group]
     std::vector<float> group_sums(int64_t group) const {
-        const int64_t per_group = group / BLOCK;
+        const int64_t per_group = group / block;
         std::vector<float> sums(sum.size() / per_group, 0.0f);
         for (size_t b = 0; b < sum.size(); b++) sums[b / per_group] += sum[b];
         return sums;
@@ -73,10 +81,10 @@ struct Tokens {
     const int8_t* q;
     const float *scale, *group_sum;
     float* out;
-    int64_t K, groups, N;
+    int64_t K, block, groups, N;
 
     const int8_t* q_of(int t) const { return q + t * K; }
-    const float* scale_of(int t) const { return scale + t * (K / BLOCK); }
+    const float* scale_of(int t) const { return scale + t * (K / block); }
     const float* group_sum_of(int t) const { return group_sum + t * groups; }
     float* out_of(int t) const { return out + t * N; }
 };
@@ -85,7 +93,8 @@ struct Tokens {
 // unpacked once for all the tokens. Inlined with constants, so that the accumulators stay in registers.
 // groups_of: 32, 64 or 128+ inputs per weight scale (so 4, 2 or 1 scales per block of 128 inputs)
 template <int rows, int tokens, int groups_of>
-inline void int4_tile(const uint8_t* w, const float* scale, const float* offset, int shift, const Tokens& x) {
+inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const float* offset, int shift,
+                      const Tokens& x) {
     const int64_t K = x.K, groups = x.groups, whole = K / 128 * 128;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     __m512 acc[tokens][rows];
@@ -95,24 +104,30 @@ inline void int4_tile(const uint8_t* w, const float* scale, const float* offset,
         __m512i low[rows], high[rows];
         for (int r = 0; r < rows; r++) {
             const __m512i packed = _mm512_loadu_si512(w + r * (K / 2) + c / 2);
+            if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * (K / 2) + c / 2 + ahead), _MM_HINT_T0);
             low[r] = _mm512_and_si512(packed, nibble);
             high[r] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
         }
         for (int t = 0; t < tokens; t++) {
             const float* sx = x.scale_of(t);
-            const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
-            const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
-            for (int r = 0; r < rows; r++) {
-                const __m512 sum_low = dot(low[r], x.q_of(t) + c), sum_high = dot(high[r], x.q_of(t) + c + 64);
-                const float* s = scale + r * groups;
-                if (groups_of >= 128) {  // one weight scale for the block: applied once
-                    const __m512 sum = _mm512_fmadd_ps(sum_high, x_high, _mm512_mul_ps(sum_low, x_low));
-                    acc[t][r] = _mm512_fmadd_ps(sum, _mm512_set1_ps(s[c >> shift]), acc[t][r]);
-                } else {
+            const int8_t* xq = x.q_of(t) + c;
+            if constexpr (groups_of >= 128) {  // one activation scale and one weight scale for the block
+                const __m512i x_low = _mm512_loadu_si512(xq), x_high = _mm512_loadu_si512(xq + 64);
+                for (int r = 0; r < rows; r++) {
+                    const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low[r], x_low),
+                                                            high[r], x_high);
+                    acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                                                _mm512_set1_ps(sx[c / 128] * scale[r * groups + (c >> shift)]), acc[t][r]);
+                }
+            } else {
+                const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
+                const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
+                for (int r = 0; r < rows; r++) {
+                    const float* s = scale + r * groups;
                     const __m512 w_low = weight_scales<groups_of == 32>(s, c, shift);
                     const __m512 w_high = weight_scales<groups_of == 32>(s, c + 64, shift);
-                    acc[t][r] = _mm512_fmadd_ps(sum_low, _mm512_mul_ps(x_low, w_low), acc[t][r]);
-                    acc[t][r] = _mm512_fmadd_ps(sum_high, _mm512_mul_ps(x_high, w_high), acc[t][r]);
+                    acc[t][r] = _mm512_fmadd_ps(dot(low[r], xq), _mm512_mul_ps(x_low, w_low), acc[t][r]);
+                    acc[t][r] = _mm512_fmadd_ps(dot(high[r], xq + 64), _mm512_mul_ps(x_high, w_high), acc[t][r]);
                 }
             }
         }
@@ -140,14 +155,17 @@ inline void int4_tile(const uint8_t* w, const float* scale, const float* offset,
 }
 
 template <int rows, int tokens>
-inline void int8_tile(const uint8_t* w, const float* scale, const Tokens& x) {
+inline void int8_tile(const uint8_t* w, int64_t ahead, const float* scale, const Tokens& x) {
     const int64_t K = x.K;
     __m512 acc[tokens][rows];
     for (int t = 0; t < tokens; t++)
         for (int r = 0; r < rows; r++) acc[t][r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 64) {
         __m512i weights[rows];
-        for (int r = 0; r < rows; r++) weights[r] = _mm512_loadu_si512(w + r * K + c);
+        for (int r = 0; r < rows; r++) {
+            weights[r] = _mm512_loadu_si512(w + r * K + c);
+            if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + c + ahead), _MM_HINT_T0);
+        }
         for (int t = 0; t < tokens; t++) {
             const __m512 s = halves(x.scale_of(t)[c / BLOCK], x.scale_of(t)[c / BLOCK + 1]);
             for (int r = 0; r < rows; r++) acc[t][r] = _mm512_fmadd_ps(dot(weights[r], x.q_of(t) + c), s, acc[t][r]);
@@ -168,27 +186,22 @@ void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_widt
                 "hemat VNNI kernels: K must be a multiple of 64 and match the weight");
 }
 
-constexpr int64_t AHEAD = 4096;  // bytes of weights requested ahead of the tile being computed (2-8 KiB measured alike)
+constexpr int64_t AHEAD = 4096;  // bytes of weights requested ahead of those being read, at least
 
-// Asks for the cache lines of [begin, begin + bytes) within [.., limit)
-inline void prefetch(const uint8_t* begin, int64_t bytes, const uint8_t* limit) {
-    for (const uint8_t* line = begin; line < std::min(begin + bytes, limit); line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
-}
-
-// Runs tile(first row, rows, first token, tokens) over tiles of up to ROWS output rows and TOKENS tokens,
-// the rows across threads. Each thread reads its rows of `weights` (row_bytes each) in one sequential pass and
-// requests them AHEAD bytes early: the hardware prefetchers stop at each 4 KiB page, and a decode step's
-// weights come from memory, not cache.
+// Runs tile(first row, rows, first token, tokens, ahead) over tiles of up to ROWS output rows and TOKENS tokens,
+// the rows across threads. Each thread reads its rows of `weights` (row_bytes each) in one sequential pass, and
+// the tile requests each cache line `ahead` bytes (whole tiles, >= AHEAD) before it reads it: the hardware
+// prefetchers stop at each 4 KiB page, and a decode step's weights come from memory, not cache. ahead is 0
+// (no requests) where that would pass the thread's rows, and for all but the first tokens of a tile.
 template <typename Tile>
-void over_tiles(int64_t N, int64_t M, const uint8_t* weights, int64_t row_bytes, const Tile& tile) {
+void over_tiles(int64_t N, int64_t M, int64_t row_bytes, const Tile& tile) {
+    const int64_t tiles_ahead = (AHEAD + ROWS * row_bytes - 1) / (ROWS * row_bytes);
     at::parallel_for(0, (N + ROWS - 1) / ROWS, 1, [&](int64_t begin, int64_t end) {
-        const uint8_t* limit = weights + std::min(N, end * ROWS) * row_bytes;
-        prefetch(weights + begin * ROWS * row_bytes, AHEAD, limit);
         for (int64_t i = begin; i < end; i++) {
-            prefetch(weights + i * ROWS * row_bytes + AHEAD, ROWS * row_bytes, limit);
+            const int64_t ahead = i + tiles_ahead < end ? tiles_ahead * ROWS * row_bytes : 0;
             for (int64_t m = 0; m < M; m += TOKENS)
-                tile(i * ROWS, std::min<int64_t>(ROWS, N - i * ROWS), m, std::min<int64_t>(TOKENS, M - m));
+                tile(i * ROWS, std::min<int64_t>(ROWS, N - i * ROWS), m, std::min<int64_t>(TOKENS, M - m),
+                     m == 0 ? ahead : 0);
         }
     });
 }
@@ -219,18 +232,18 @@ at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const a
     TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
                 "hemat VNNI kernels: the group size must be a power of two >= 32 dividing K");
     const int shift = __builtin_ctzll(group_size);  // no division per chunk
-    const Activations a(rows.data_ptr<float>(), M, K);
+    const Activations a(rows.data_ptr<float>(), M, K, group_size >= WIDE_BLOCK ? WIDE_BLOCK : BLOCK);
     const std::vector<float> group_sum = a.group_sums(group_size);
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
-    over_tiles(N, M, w, K / 2, [&](int64_t n, int count, int64_t m, int tokens) {
-        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / BLOCK), group_sum.data() + m * groups,
-                       out.data_ptr<float>() + m * N + n, K, groups, N};
+    over_tiles(N, M, K / 2, [&](int64_t n, int count, int64_t m, int tokens, int64_t ahead) {
+        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / a.block), group_sum.data() + m * groups,
+                       out.data_ptr<float>() + m * N + n, K, a.block, groups, N};
         auto tile = [&]<int groups_of>() {
             dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
                 const int64_t row = n + r;
-                int4_tile<rows_, tokens_, groups_of>(w + row * (K / 2), s + row * groups, o + row * groups, shift, view);
+                int4_tile<rows_, tokens_, groups_of>(w + row * (K / 2), ahead, s + row * groups, o + row * groups, shift, view);
             });
         };
         if (shift == 5)
@@ -246,16 +259,16 @@ at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const a
 at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& scale) {
     const int64_t M = rows.size(0), K = rows.size(1), N = weight.size(0);
     check(rows, weight, K);
-    const Activations a(rows.data_ptr<float>(), M, K);
+    const Activations a(rows.data_ptr<float>(), M, K, BLOCK);
     const std::vector<float> total = a.group_sums(K);
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = weight.data_ptr<uint8_t>();
     const float* s = scale.data_ptr<float>();
-    over_tiles(N, M, w, K, [&](int64_t n, int count, int64_t m, int tokens) {
-        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / BLOCK), total.data() + m,
-                       out.data_ptr<float>() + m * N + n, K, 1, N};
+    over_tiles(N, M, K, [&](int64_t n, int count, int64_t m, int tokens, int64_t ahead) {
+        const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / a.block), total.data() + m,
+                       out.data_ptr<float>() + m * N + n, K, a.block, 1, N};
         dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
-            int8_tile<rows_, tokens_>(w + (n + r) * K, s + n + r, view);
+            int8_tile<rows_, tokens_>(w + (n + r) * K, ahead, s + n + r, view);
         });
     });
     return out;

@@ -7,8 +7,9 @@ which cache.py calls). They replace the weight-only forms of quantize.py and the
 without AVX-512 VNNI, not Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
 Being operators, they cost ~2 us a call and torch.compile keeps a decode step that calls them in one graph.
 
-Quantizing the activations changes the numbers slightly (each block of 32 inputs in 8 bits: about 0.5% of
-a projection's output norm on random inputs), the way llama.cpp's q8_0 activations do."""
+Quantizing the activations changes the numbers slightly (each block of 32 inputs in 8 bits, of 128 against int4
+groups of 128 or more: about 0.5% of a projection's output norm on random inputs), the way llama.cpp's q8_0 and
+q8_K activations do."""
 
 from __future__ import annotations
 
