@@ -73,6 +73,20 @@ def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows, inp
 
 
 @needs_vnni
+@pytest.mark.parametrize("inputs,group_size", [(192, 32), (192, 64), (512, 128), (512, 256)])
+def test_int4_weights_dequantize_to_bf16_of_the_reference(inputs, group_size):
+    torch.manual_seed(0)
+    module = vnni.VnniInt4Linear(torch.randn(130, inputs) * 0.05, None, group_size)
+    for start, stop in ((0, 130), (64, 130)):  # as the dense path's tiles slice the rows
+        got = torch.ops.hemat.int4_dequantize(module.weight_packed[start:stop], module.scale[start:stop],
+                                              module.offset[start:stop], group_size)
+        expected = module.dequantized()[start:stop]
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        # q · scale - offset in one fused rounding, then to the nearest bf16: within bf16's half step
+        assert ((got.float() - expected).abs() <= expected.abs() * (2**-8 + 2**-16) + 1e-7).all()
+
+
+@needs_vnni
 def test_dense_path_rows_and_embedding_read_the_same_values():
     torch.manual_seed(0)
     weight = torch.randn(130, 192) * 0.05

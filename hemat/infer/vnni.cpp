@@ -274,14 +274,60 @@ at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const a
     return out;
 }
 
+// 16 int4 values (one a byte) → q * scale - offset in bf16 (rounded to nearest even) at `out`
+inline void store_dequantized(__m128i q, float scale, float offset, at::BFloat16* out) {
+    const __m512 w = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(scale),
+                                     _mm512_set1_ps(offset));
+    const __m512i bits = _mm512_castps_si512(w);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// The int4 weight in bf16 [N, K], for the dense path's bf16 matmul (prefill, eval, large batches)
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
+                           int64_t group_size) {
+    const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / group_size, whole = K / 128 * 128;
+    TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && offset.is_contiguous() && K % 64 == 0,
+                "hemat VNNI kernels: int4_dequantize takes contiguous rows of whole blocks of 64 inputs");
+    const int shift = __builtin_ctzll(group_size);
+    at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
+    at::BFloat16* y = out.data_ptr<at::BFloat16>();
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; n++) {
+            const uint8_t* row = w + n * (K / 2);
+            const float *rs = s + n * groups, *ro = o + n * groups;
+            at::BFloat16* yr = y + n * K;
+            // byte j of a block of 2h inputs holds input j (low nibble) and j + h (high): h = 64, or 32 at the end
+            auto block = [&](int64_t first, int64_t half) {
+                for (int64_t i = 0; i < half; i += 16) {
+                    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + first / 2 + i));
+                    const int64_t low = first + i, high = first + half + i;
+                    store_dequantized(_mm_and_si128(bytes, nibble), rs[low >> shift], ro[low >> shift], yr + low);
+                    store_dequantized(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), rs[high >> shift],
+                                      ro[high >> shift], yr + high);
+                }
+            };
+            for (int64_t c = 0; c < whole; c += 128) block(c, 64);
+            if (whole < K) block(whole, 32);
+        }
+    });
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hemat, m) {
     m.def("int8_linear(Tensor rows, Tensor weight, Tensor scale) -> Tensor");
     m.def("int4_linear(Tensor rows, Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor");
+    m.def("int4_dequantize(Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hemat, CPU, m) {
     m.impl("int8_linear", int8_linear);
     m.impl("int4_linear", int4_linear);
+    m.impl("int4_dequantize", int4_dequantize);
 }

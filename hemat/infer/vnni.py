@@ -83,6 +83,8 @@ def _load() -> None:
     torch.library.register_fake("hemat::int8_linear", lambda rows, weight, scale: rows.new_empty(len(rows), len(weight)))
     torch.library.register_fake("hemat::int4_linear", lambda rows, packed, scale, offset, group_size:
                                 rows.new_empty(len(rows), len(packed)))
+    torch.library.register_fake("hemat::int4_dequantize", lambda packed, scale, offset, group_size:
+                                packed.new_empty(len(packed), packed.shape[1] * 2, dtype=torch.bfloat16))
     torch.library.register_fake("hemat::paged_attention", lambda q, k, v, table, q_pos, total, page_size, scale:
                                 q.new_empty(*q.shape[:3], v.shape[-1]))
 
@@ -170,6 +172,12 @@ class VnniInt4Linear(Int4Linear):
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.hemat.int4_linear(rows, self.weight_packed, self.scale, self.offset, self.group_size)
+
+    def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """rows (bf16) times output rows start:stop of the weight, dequantized to bf16 by vnni.cpp."""
+        weight = torch.ops.hemat.int4_dequantize(self.weight_packed[start:stop], self.scale[start:stop],
+                                                 self.offset[start:stop], self.group_size)
+        return F.linear(rows, weight)
 
     def unpacked(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed rows [n, in/2] → their 0..15 values [n, in]."""
