@@ -1,10 +1,11 @@
 """hemat's own CPU kernels, compiled on first use with the system's C++ compiler against torch's headers into
 a cache directory (about 30 s, once), and the int8/int4 linears over them. vnni.cpp multiplies the weights
 by int8 activations with AVX-512 VNNI, llama.cpp's way (the operators hemat::int8_linear and
-hemat::int4_linear); paged_attention.cpp attends straight from the paged KV cache (hemat::paged_attention,
-which cache.py calls). They replace the weight-only forms of quantize.py and the cache's gather where
-`kernels()` is true; it is false, with the reason printed once, where they cannot run (no compiler, a CPU
-without AVX-512 VNNI, not Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
+hemat::int4_linear), and dequantizes int4 weights to bf16 for the dense path (hemat::int4_dequantize);
+paged_attention.cpp attends straight from the paged KV cache (hemat::paged_attention, which cache.py calls).
+They replace the weight-only forms of quantize.py and the cache's gather where `kernels()` is true; it is
+false, with the reason printed once, where they cannot run (no compiler, a CPU without AVX-512 VNNI, not
+Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
 Being operators, they cost ~2 us a call and torch.compile keeps a decode step that calls them in one graph.
 
 Quantizing the activations changes the numbers slightly (each block of 32 inputs in 8 bits, of 128 against int4
