@@ -9,22 +9,16 @@ one run (best of --repeats). Reports ms per token and the weight bytes read per 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hemat.infer import vnni
-from hemat.infer.quantize import Int4Linear, Int8Linear
+from hemat.infer.quantize import Int4Linear, Int8Linear, weight_bytes
 from hemat.model.config import ModelConfig
 from local_decode import bandwidth_gbs
-from quantized_rows import best_ms, projection_shapes
-
-SHAPES = {path.stem: path for path in (Path(__file__).parent / "shapes").glob("*.json")}
-
-
-def buffer_bytes(modules) -> int:
-    return sum(b.numel() * b.element_size() for m in modules for b in m.buffers())
+from quantized_rows import SHAPES, best_ms, projection_shapes
 
 
 def main() -> None:
@@ -54,7 +48,7 @@ def main() -> None:
     print(f"| bf16 | {ms:.1f} | {nbytes / 1e9:.3f} | {nbytes / ms / 1e6:.1f} |")
     for name, build in forms.items():
         modules = [build(w.float()) for layer in layers for w in layer]
-        nbytes = buffer_bytes(modules)
+        nbytes = weight_bytes(nn.ModuleList(modules))
         ms = best_ms(lambda: [m.packed(rows[m.in_features].to(m.kernel_dtype)) for m in modules], args.repeats)
         print(f"| {name} | {ms:.1f} | {nbytes / 1e9:.3f} | {nbytes / ms / 1e6:.1f} |")
         del modules

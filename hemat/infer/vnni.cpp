@@ -187,6 +187,13 @@ void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_widt
                 "hemat VNNI kernels: K must be a multiple of 64 and match the weight");
 }
 
+// log2 of an int4 group size, which must be a power of two >= 32 dividing K (no division per chunk)
+int group_shift(int64_t group_size, int64_t K) {
+    TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
+                "hemat VNNI kernels: the group size must be a power of two >= 32 dividing K");
+    return __builtin_ctzll(group_size);
+}
+
 constexpr int64_t AHEAD = 4096;  // bytes of weights requested ahead of those being read, at least
 
 // Runs tile(first row, rows, first token, tokens, ahead) over tiles of up to ROWS output rows and TOKENS tokens,
@@ -228,11 +235,10 @@ void dispatch(int rows, int tokens, const Tokens& x, const Kernel& kernel) {
 
 at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const at::Tensor& scale,
                        const at::Tensor& offset, int64_t group_size) {
-    const int64_t M = rows.size(0), K = rows.size(1), N = packed.size(0), groups = K / group_size;
+    const int64_t M = rows.size(0), K = rows.size(1), N = packed.size(0);
     check(rows, packed, K / 2);
-    TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
-                "hemat VNNI kernels: the group size must be a power of two >= 32 dividing K");
-    const int shift = __builtin_ctzll(group_size);  // no division per chunk
+    const int shift = group_shift(group_size, K);
+    const int64_t groups = K / group_size;
     const Activations a(rows.data_ptr<float>(), M, K, group_size >= WIDE_BLOCK ? WIDE_BLOCK : BLOCK);
     const std::vector<float> group_sum = a.group_sums(group_size);
     at::Tensor out = at::empty({M, N}, rows.options());
@@ -288,10 +294,11 @@ inline void store_dequantized(__m128i q, float scale, float offset, at::BFloat16
 // The int4 weight in bf16 [N, K], for the dense path's bf16 matmul (prefill, eval, large batches)
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
                            int64_t group_size) {
-    const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / group_size, whole = K / 128 * 128;
+    const int64_t N = packed.size(0), K = packed.size(1) * 2, whole = K / 128 * 128;
     TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && offset.is_contiguous() && K % 64 == 0,
                 "hemat VNNI kernels: int4_dequantize takes contiguous rows of whole blocks of 64 inputs");
-    const int shift = __builtin_ctzll(group_size);
+    const int shift = group_shift(group_size, K);
+    const int64_t groups = K / group_size;
     at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
