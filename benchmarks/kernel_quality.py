@@ -1,4 +1,4 @@
-"""Bits per byte of a checkpoint on a text, unquantized and in int8/int4 through each kernel: hemat's VNNI
+"""Bits per byte of a checkpoint on a text, unquantized and in int8/int4 through each kernel: hemat's native
 kernels (int8 activations in blocks of 32) and PyTorch's weight-only packed kernels (bf16 activations).
 Every row goes through the kernel, as in decoding (`hemat eval --tasks bpb` would run its long rows through
 the dense bf16 path instead, which both share).
@@ -13,7 +13,7 @@ import argparse
 import os
 
 from hemat.eval.choice import bits_per_byte, read_text_file
-from hemat.infer import vnni
+from hemat.infer import native
 from hemat.infer.quantize import PackedLinear, load_for_inference
 from hemat.tokenizer import load_tokenizer
 
@@ -37,13 +37,13 @@ def main() -> None:
     tokenizer, text = load_tokenizer(args.tokenizer or args.model), read_text_file(args.text)
     base = bpb(args, tokenizer, text, None)
     print(f"{args.model}, {len(text.encode())} bytes of {args.text}\n")
-    print(f"| weights | hemat VNNI kernels | PyTorch's kernels |\n|---|---|---|\n| unquantized | {base:.4f} | |")
+    print(f"| weights | hemat native kernels | PyTorch's kernels |\n|---|---|---|\n| unquantized | {base:.4f} | |")
     rows = [("int8", 128)] + [("int4", int(g)) for g in args.group_sizes.split(",")]
     for fmt, group_size in rows:
         cells = []
         for kernels in ("1", "0"):
-            os.environ[vnni.DISABLE] = kernels
-            vnni.kernels.cache_clear()
+            os.environ[native.DISABLE] = kernels
+            native.kernels.cache_clear()
             value = bpb(args, tokenizer, text, fmt, group_size)
             cells.append(f"{value:.4f} ({(value / base - 1) * 100:+.2f}%)")
         name = fmt if fmt == "int8" else f"int4 group {group_size}"

@@ -13,7 +13,7 @@ binary wheel for most CPUs: `bash benchmarks/setup_llama_cpp.sh` builds it from 
 15 minutes on 2 cores). Without it those rows are skipped with a note. llama-cpp-python decodes one
 sequence at a time through its high-level API, so its rows have batch 1 only. A hemat row named with
 `+compile` (e.g. hemat-int4+compile) decodes through the compiled step, compiled before the timing; with
-`+torch` (e.g. hemat-int4+torch), int8/int4 run PyTorch's weight-only packed kernels instead of hemat's VNNI
+`+torch` (e.g. hemat-int4+torch), int8/int4 run PyTorch's weight-only packed kernels instead of hemat's native
 kernels (HEMAT_NATIVE_KERNELS=0).
 """
 

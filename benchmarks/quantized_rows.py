@@ -1,8 +1,8 @@
 """Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a bf16 matmul)
-overtakes their kernels (PyTorch's weight-only packed kernels, KERNEL_ROWS rows per call; hemat's VNNI
+overtakes their kernels (PyTorch's weight-only packed kernels, KERNEL_ROWS rows per call; hemat's native
 kernels where they load): per row count, the time of each over one decoder layer's projections and the head
 of a model shape, beside bf16 weights, in one run (best of --repeats). Each form's `dense_rows` in
-hemat/infer/quantize.py and vnni.py comes from it.
+hemat/infer/quantize.py and native.py comes from it.
 
     python benchmarks/quantized_rows.py [--shape smollm-135m] [--rows 1,2,4,8,16,64,512] [--threads 2]
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hemat.infer import vnni
+from hemat.infer import native
 from hemat.infer.quantize import Int4Linear, Int8Linear
 from hemat.model.config import ModelConfig
 
@@ -54,9 +54,9 @@ def main() -> None:
     weights = [torch.randn(shape) * 0.02 for shape in projection_shapes(config)]
     forms = {"int8": [Int8Linear(w, None) for w in weights],
              "int4": [Int4Linear(w, None, args.group_size) for w in weights]}
-    if vnni.kernels():
-        forms["int8 vnni"] = [vnni.VnniInt8Linear(w, None) for w in weights]
-        forms["int4 vnni"] = [vnni.VnniInt4Linear(w, None, args.group_size) for w in weights]
+    if native.kernels():
+        forms["int8 native"] = [native.NativeInt8Linear(w, None) for w in weights]
+        forms["int4 native"] = [native.NativeInt4Linear(w, None, args.group_size) for w in weights]
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
     bf16 = [w.bfloat16() for w in weights]
     print("| rows | bf16 weights | " + " | ".join(f"{form} kernel | {form} dense" for form in forms) + " |")

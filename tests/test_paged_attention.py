@@ -5,12 +5,12 @@ through it against the uncached model."""
 import pytest
 import torch
 
-from hemat.infer import vnni
+from hemat.infer import native
 from hemat.infer.cache import PAGED_KERNEL_TOKENS, PagedCache
 from hemat.model.dense import attend
 from hemat.model.mla import attend_latent
 from tests.test_engine import prompt, tiny_model
-from tests.test_vnni import needs_vnni, pytorch_kernels
+from tests.test_native_kernels import needs_native_kernels, pytorch_kernels
 
 PAGE = 4
 
@@ -41,12 +41,12 @@ def cache_mask(q_pos, total, span):
     return torch.arange(span) <= torch.minimum(q_pos, total - 1)[:, :, None]
 
 
-@needs_vnni
+@needs_native_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("heads,kv_heads,width", [(4, 4, 16), (6, 2, 64), (3, 1, 128)])
 def test_paged_attention_equals_sdpa_over_the_gathered_cache(dtype, t, heads, kv_heads, width):
-    assert vnni.kernels()
+    assert native.kernels()
     q, k, v, table, q_pos, total = paged_case(5, t, heads, kv_heads, width, dtype, seed=width + t)
     span = int(total.max())
     got = torch.ops.hemat.paged_attention(q, k, v, table, q_pos, total, PAGE, 0.3)
@@ -58,7 +58,7 @@ def test_paged_attention_equals_sdpa_over_the_gathered_cache(dtype, t, heads, kv
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # a padding row attends to nothing: zeros, not NaN
 
 
-@needs_vnni
+@needs_native_kernels
 def test_paged_attention_reads_mla_latents_as_one_shared_head():
     """MLA: keys are [latent ; k_pe] rows of one store, values their first r columns (a strided view)."""
     r, rope = 32, 16
@@ -71,7 +71,7 @@ def test_paged_attention_reads_mla_latents_as_one_shared_head():
     torch.testing.assert_close(got[:-1], want[:-1], atol=1e-5, rtol=1e-5)
 
 
-@needs_vnni
+@needs_native_kernels
 @pytest.mark.parametrize("kind,sizes", [("llama", dict(hidden_size=64)),  # heads of 16
                                         ("deepseek_v3", dict(kv_lora_rank=32, qk_rope_head_dim=16))])
 def test_cached_forwards_through_the_paged_kernel_equal_the_full_forward(kind, sizes):

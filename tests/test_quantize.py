@@ -120,7 +120,7 @@ def test_quantizing_while_loading_gives_the_logits_of_quantizing_after(tmp_path,
 
 
 def test_int4_unpack_reads_the_packed_layout_back():
-    for out_features in (16, 48, 64, 112, 192):  # whole 64-row blocks, a remainder block, both
+    for out_features in (16, 48, 64, 112, 192):  # whole blocks (64 rows with AVX-512, 32 with AVX2), a remainder, both
         q = torch.randint(0, 16, (out_features, 64), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         assert torch.equal(unpack_int4_t(packed, out_features, 64).t().int(), q)
@@ -251,9 +251,9 @@ def test_bad_formats_and_group_sizes_are_named():
 
 
 def test_int4_falls_back_to_int8_by_name_when_outputs_do_not_tile(capsys, monkeypatch):
-    from tests.test_vnni import pytorch_kernels
+    from tests.test_native_kernels import pytorch_kernels
 
-    with pytorch_kernels(monkeypatch):  # PyTorch's int4 layout tiles outputs by 16; hemat's VNNI one takes any
+    with pytorch_kernels(monkeypatch):  # PyTorch's int4 layout tiles outputs by 16; hemat's native one takes any
         model = prepare_for_inference(model_of(llama_config(vocab_size=90)), "int4", group_size=32)
     assert isinstance(model.lm_head, Int8Linear)
     assert "int8 instead for lm_head (90 outputs)" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from hemat.errors import HematError
-from hemat.infer import vnni
+from hemat.infer import native
 from hemat.model.config import ModelConfig
 
 PAGED_KERNEL_TOKENS = 16  # new tokens per row up to which the paged kernel attends (decode, drafts' verify);
@@ -137,7 +137,7 @@ class PagedCache:
         self.device = device
         head_sizes = (width,) if config.is_mla else shape[1:]
         self.paged_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                             and all(size % 16 == 0 for size in head_sizes) and vnni.kernels())
+                             and all(size % 16 == 0 for size in head_sizes) and native.kernels())
         self._write = self._read = self._mask = self._pages = None
         self._positions = torch.arange(page_size, device=device)
         self._shape = (0, 0, 0)

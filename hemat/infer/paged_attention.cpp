@@ -11,7 +11,6 @@
 // Threads: at::parallel_for over (row, query head).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,27 +18,23 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-
-inline __m512 load16(const at::BFloat16* x) {  // bf16 is the top half of an fp32
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+using namespace simd;
 
 template <typename scalar_t>
 float dot(const float* q, const scalar_t* k, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-    return _mm512_reduce_add_ps(acc);
+    Floats acc = zeros();
+    for (int64_t d = 0; d < D; d += 16) acc = fmadd(load(q + d), load(k + d), acc);
+    return reduce_add(acc);
 }
 
 template <typename scalar_t>
 void axpy(float w, const scalar_t* v, float* acc, int64_t D) {  // acc += w * v
-    const __m512 weight = _mm512_set1_ps(w);
-    for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, load16(v + d), _mm512_loadu_ps(acc + d)));
+    const Floats weight = set1(w);
+    for (int64_t d = 0; d < D; d += 16) store(acc + d, fmadd(weight, load(v + d), load(acc + d)));
 }
 
 template <typename scalar_t>

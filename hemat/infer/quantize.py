@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -203,27 +204,45 @@ class Int4Linear(PackedLinear):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` [n] of the dequantized weight → [n, in] in dtype, out a multiple of 64 (whole packed
-        blocks, see unpack_int4_t): row o is in block o // 64, byte column o % 32, high nibble if o % 64 >= 32."""
-        packed = self.weight_packed.view(-1, self.in_features, 32)[ids // 64, :, ids % 32]  # [n, in]
-        q = (packed >> (ids // 32 % 2 * 4)[:, None]) & 15
+        blocks of B rows, see unpack_int4_t): row o is in block o // B, byte column o % (B/2), high nibble if
+        o % B >= B/2."""
+        block = int4_pack_block()
+        half = block // 2
+        packed = self.weight_packed.view(-1, self.in_features, half)[ids // block, :, ids % half]  # [n, in]
+        q = (packed >> (ids // half % 2 * 4)[:, None]) & 15
         scale, zero = self.scales_and_zeros[:, ids].float().unbind(-1)  # [in/g, n] each
         w = (q.float().view(len(ids), -1, self.group_size) - 8) * scale.t()[..., None] + zero.t()[..., None]
         return w.view(len(ids), self.in_features).to(dtype)
 
 
-def unpack_int4_t(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+@functools.cache
+def int4_pack_block() -> int:
+    """B, the rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout: PyTorch picks it by the
+    instruction set it runs (64 with AVX-512, 32 with AVX2), so it is read off a probe once."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32, 16):
+        if torch.equal(unpack_int4_t(packed, 128, 64, block).t(), q.to(torch.uint8)):
+            return block
+    raise QuantizationError("PyTorch's int4 packing on this machine is not in blocks of 64, 32 or 16 rows, the "
+                            "layouts hemat reads; quantize to int8 instead")
+
+
+def unpack_int4_t(packed: torch.Tensor, out_features: int, in_features: int, block: int | None = None) -> torch.Tensor:
     """The 0..15 values of `_convert_weight_to_int4pack_for_cpu`'s layout, transposed: [in, out]. Rows
-    come in blocks of 64, byte [c, j] of a block holding rows j (low nibble) and j + 32 (high) of input c;
-    the last out % 64 rows as one block whose byte [c, j] holds rows 2j (low) and 2j + 1 (high)."""
-    full = out_features // 64 * 64
+    come in blocks of B (int4_pack_block), byte [c, j] of a block holding rows j (low nibble) and j + B/2
+    (high) of input c; the last out % B rows as one block whose byte [c, j] holds rows 2j (low) and 2j + 1
+    (high)."""
+    block = block or int4_pack_block()
+    full = out_features // block * block
     parts = []
     if full:
-        block = packed[:full].view(full // 64, in_features, 32).transpose(0, 1)  # [in, out / 64, 32]
-        parts.append(torch.cat((block & 15, block >> 4), dim=-1).view(in_features, full))
+        blocks = packed[:full].view(full // block, in_features, block // 2).transpose(0, 1)  # [in, out / B, B/2]
+        parts.append(torch.cat((blocks & 15, blocks >> 4), dim=-1).view(in_features, full))
     rest = out_features - full
     if rest:
-        block = packed[full:].view(in_features, rest // 2)
-        parts.append(torch.stack((block & 15, block >> 4), dim=-1).view(in_features, rest))
+        pairs = packed[full:].view(in_features, rest // 2)
+        parts.append(torch.stack((pairs & 15, pairs >> 4), dim=-1).view(in_features, rest))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -424,7 +443,7 @@ class _Builder:
         return True
 
     def linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
-        from hemat.infer import vnni  # its forms subclass this module's
+        from hemat.infer import native  # its forms subclass this module's
 
         out_features, in_features = weight.shape
         if self.weights is None:
@@ -432,9 +451,9 @@ class _Builder:
         if self.weights == "int4" and in_features % self.group_size:
             raise QuantizationError(f"int4 group size {self.group_size} does not divide the input dimension "
                                     f"{in_features} of {name} (choose one of {GROUP_SIZES} that does)")
-        if vnni.available(in_features):
-            return vnni.VnniInt8Linear(weight, bias) if self.weights == "int8" else \
-                vnni.VnniInt4Linear(weight, bias, self.group_size)
+        if native.available(in_features):
+            return native.NativeInt8Linear(weight, bias) if self.weights == "int8" else \
+                native.NativeInt4Linear(weight, bias, self.group_size)
         if self.weights == "int8":
             return Int8Linear(weight, bias)
         if out_features % 16:  # the packed int4 layout tiles outputs by 16

@@ -1,4 +1,4 @@
-// int8/int4 weights times int8 activations with AVX-512 VNNI (the way llama.cpp's q4_0 x q8_0 dot products
+// int8/int4 weights times int8 activations with AVX-512 VNNI or AVX2 (the way llama.cpp's q4_0 x q8_0 dot products
 // work), registered as the PyTorch operators hemat::int8_linear and hemat::int4_linear. Each token's
 // activations are quantized to int8 in blocks of 32 (one scale each; 128 against int4 groups of 128 or more, as
 // llama.cpp's q8_K blocks of 256 serve its k-quants), the weights stay packed, and `vpdpbusd` multiplies 64
@@ -13,15 +13,19 @@
 //         scale, offset fp32 [N, K/g], g a power of two >= 32: w = q * scale - offset.
 //   int8: uint8 [N, K] holding q + 128; scale fp32 [N]: w = (u - 128) * scale.
 // Output fp32 [M, N]. Threads: at::parallel_for over tiles of ROWS output rows.
-// Built with AVX-512 code generation (vnni.py loads it only on a CPU whose flags show AVX-512 VNNI).
+// Written over simd.h's vectors; native.py builds it with AVX-512 VNNI where the CPU's flags show it, else with
+// AVX2 and FMA, where a vpdpbusd is two instructions (vpmaddubsw, vpmaddwd) on each half of the 64 bytes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using namespace simd;
 
 constexpr int64_t BLOCK = 32, WIDE_BLOCK = 128;  // inputs per activation scale: see Activations
 constexpr int ROWS = 4;  // output rows per tile: each activation chunk loaded once for all of them
@@ -38,18 +42,14 @@ struct Activations {
         : block(block), q(M * K), scale(M * K / block), sum(M * K / block) {
         for (int64_t b = 0; b < M * K / block; b++) {
             const float* xb = x + b * block;
-            __m512 amax = _mm512_setzero_ps();
-            for (int64_t i = 0; i < block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
-            const float top = _mm512_reduce_max_ps(amax);
-            const __m512 inv = _mm512_set1_ps(top > 0 ? 127.0f / top : 0.0f);
-            __m512i total = _mm512_setzero_si512();
-            for (int64_t i = 0; i < block; i += 16) {
-                const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));  // to nearest even
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * block + i]), _mm512_cvtsepi32_epi8(qi));
-                total = _mm512_add_epi32(total, qi);
-            }
+            Floats amax = zeros();
+            for (int64_t i = 0; i < block; i += 16) amax = max(amax, abs(load(xb + i)));
+            const float top = reduce_max(amax);
+            const Floats inv = set1(top > 0 ? 127.0f / top : 0.0f);
+            Ints total = zero_ints();
+            for (int64_t i = 0; i < block; i += 16) total = add(total, to_int8(mul(load(xb + i), inv), &q[b * block + i]));
             scale[b] = top / 127.0f;
-            sum[b] = scale[b] * static_cast<float>(_mm512_reduce_add_epi32(total));
+            sum[b] = scale[b] * static_cast<float>(reduce_add(total));
         }
     }
 
@@ -62,19 +62,12 @@ struct Activations {
     }
 };
 
-// Lanes 0-7 hold `low`, lanes 8-15 `high`: a vpdpbusd over 64 inputs sums its first 32 in lanes 0-7
-inline __m512 halves(float low, float high) {
-    return _mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1);
-}
-
-inline __m512 dot(__m512i q, const int8_t* x) {
-    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(x)));
-}
+inline Floats dot(Bytes q, const int8_t* x) { return to_floats(dot(zero_ints(), q, x)); }
 
 // The weight scales of the 64 inputs from `first` on, lanes as in `halves`: groups of 32 differ per half
 template <bool pairs>
-inline __m512 weight_scales(const float* scale, int64_t first, int shift) {
-    return pairs ? halves(scale[first >> shift], scale[(first + 32) >> shift]) : _mm512_set1_ps(scale[first >> shift]);
+inline Floats weight_scales(const float* scale, int64_t first, int shift) {
+    return pairs ? halves(scale[first >> shift], scale[(first + 32) >> shift]) : set1(scale[first >> shift]);
 }
 
 // The int8 activations of the tokens from `first` on (see Activations), and where their outputs go
@@ -97,53 +90,46 @@ template <int rows, int tokens, int groups_of>
 inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const float* offset, int shift,
                       const Tokens& x) {
     const int64_t K = x.K, groups = x.groups, whole = K / 128 * 128;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    __m512 acc[tokens][rows];
+    Floats acc[tokens][rows];
     for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) acc[t][r] = _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) acc[t][r] = zeros();
     for (int64_t c = 0; c < whole; c += 128) {  // 64 bytes of each row: inputs c..c+63 low, c+64..c+127 high
-        __m512i low[rows], high[rows];
+        Bytes low[rows], high[rows];
         for (int r = 0; r < rows; r++) {
-            const __m512i packed = _mm512_loadu_si512(w + r * (K / 2) + c / 2);
+            const Bytes packed = load_bytes(w + r * (K / 2) + c / 2);
             if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * (K / 2) + c / 2 + ahead), _MM_HINT_T0);
-            low[r] = _mm512_and_si512(packed, nibble);
-            high[r] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            low[r] = low_nibbles(packed);
+            high[r] = high_nibbles(packed);
         }
         for (int t = 0; t < tokens; t++) {
             const float* sx = x.scale_of(t);
             const int8_t* xq = x.q_of(t) + c;
             if constexpr (groups_of >= 128) {  // one activation scale and one weight scale for the block
-                const __m512i x_low = _mm512_loadu_si512(xq), x_high = _mm512_loadu_si512(xq + 64);
                 for (int r = 0; r < rows; r++) {
-                    const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low[r], x_low),
-                                                            high[r], x_high);
-                    acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
-                                                _mm512_set1_ps(sx[c / 128] * scale[r * groups + (c >> shift)]), acc[t][r]);
+                    const Ints sum = dot(dot(zero_ints(), low[r], xq), high[r], xq + 64);
+                    acc[t][r] = fmadd(to_floats(sum), set1(sx[c / 128] * scale[r * groups + (c >> shift)]), acc[t][r]);
                 }
             } else {
-                const __m512 x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
-                const __m512 x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
+                const Floats x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
+                const Floats x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
                 for (int r = 0; r < rows; r++) {
                     const float* s = scale + r * groups;
-                    const __m512 w_low = weight_scales<groups_of == 32>(s, c, shift);
-                    const __m512 w_high = weight_scales<groups_of == 32>(s, c + 64, shift);
-                    acc[t][r] = _mm512_fmadd_ps(dot(low[r], xq), _mm512_mul_ps(x_low, w_low), acc[t][r]);
-                    acc[t][r] = _mm512_fmadd_ps(dot(high[r], xq + 64), _mm512_mul_ps(x_high, w_high), acc[t][r]);
+                    const Floats w_low = weight_scales<groups_of == 32>(s, c, shift);
+                    const Floats w_high = weight_scales<groups_of == 32>(s, c + 64, shift);
+                    acc[t][r] = fmadd(dot(low[r], xq), mul(x_low, w_low), acc[t][r]);
+                    acc[t][r] = fmadd(dot(high[r], xq + 64), mul(x_high, w_high), acc[t][r]);
                 }
             }
         }
     }
     if (whole < K) {  // a last block of 64 inputs: 32 bytes, inputs j and j + 32 in byte j
-        const __m256i nibble256 = _mm256_set1_epi8(0x0F);
         for (int r = 0; r < rows; r++) {
-            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * (K / 2) + whole / 2));
-            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble256)),
-                                                 _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble256), 1);
-            const __m512 w_scale = weight_scales<groups_of == 32>(scale + r * groups, whole, shift);
+            const Bytes q = nibbles_of_32(w + r * (K / 2) + whole / 2);
+            const Floats w_scale = weight_scales<groups_of == 32>(scale + r * groups, whole, shift);
             for (int t = 0; t < tokens; t++) {
                 const float* sx = x.scale_of(t);
-                const __m512 x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
-                acc[t][r] = _mm512_fmadd_ps(dot(q, x.q_of(t) + whole), _mm512_mul_ps(x_scale, w_scale), acc[t][r]);
+                const Floats x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
+                acc[t][r] = fmadd(dot(q, x.q_of(t) + whole), mul(x_scale, w_scale), acc[t][r]);
             }
         }
     }
@@ -151,46 +137,47 @@ inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const
         for (int r = 0; r < rows; r++) {  // the offsets times each group's sum of dequantized activations
             float correction = 0.0f;
             for (int64_t g = 0; g < groups; g++) correction += offset[r * groups + g] * x.group_sum_of(t)[g];
-            x.out_of(t)[r] = _mm512_reduce_add_ps(acc[t][r]) - correction;
+            x.out_of(t)[r] = reduce_add(acc[t][r]) - correction;
         }
 }
 
 template <int rows, int tokens>
 inline void int8_tile(const uint8_t* w, int64_t ahead, const float* scale, const Tokens& x) {
     const int64_t K = x.K;
-    __m512 acc[tokens][rows];
+    Floats acc[tokens][rows];
     for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) acc[t][r] = _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) acc[t][r] = zeros();
     for (int64_t c = 0; c < K; c += 64) {
-        __m512i weights[rows];
+        Bytes weights[rows];
         for (int r = 0; r < rows; r++) {
-            weights[r] = _mm512_loadu_si512(w + r * K + c);
+            weights[r] = load_bytes(w + r * K + c);
             if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + c + ahead), _MM_HINT_T0);
         }
         for (int t = 0; t < tokens; t++) {
-            const __m512 s = halves(x.scale_of(t)[c / BLOCK], x.scale_of(t)[c / BLOCK + 1]);
-            for (int r = 0; r < rows; r++) acc[t][r] = _mm512_fmadd_ps(dot(weights[r], x.q_of(t) + c), s, acc[t][r]);
+            const Floats s = halves(x.scale_of(t)[c / BLOCK], x.scale_of(t)[c / BLOCK + 1]);
+            for (int r = 0; r < rows; r++)
+                acc[t][r] = fmadd(to_floats(int8_dot(zero_ints(), weights[r], x.q_of(t) + c)), s, acc[t][r]);
         }
     }
-    // the stored values are q + 128: sum(u x) - 128 sum(x) = sum(q x), the last term from the one group's sum
+    // the dot products give sum((q + INT8_DOT_BIAS) x): the bias term comes off with the one group's sum of x
     for (int t = 0; t < tokens; t++)
         for (int r = 0; r < rows; r++)
-            x.out_of(t)[r] = scale[r] * (_mm512_reduce_add_ps(acc[t][r]) - 128.0f * x.group_sum_of(t)[0]);
+            x.out_of(t)[r] = scale[r] * (reduce_add(acc[t][r]) - INT8_DOT_BIAS * x.group_sum_of(t)[0]);
 }
 
 constexpr int TOKENS = 4;  // tokens per tile: a block of weights unpacked once for all of them
 
 void check(const at::Tensor& rows, const at::Tensor& weight, int64_t packed_width) {
     TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous(),
-                "hemat VNNI kernels: rows must be contiguous fp32 [M, K]");
+                "hemat int8/int4 kernels: rows must be contiguous fp32 [M, K]");
     TORCH_CHECK(rows.size(1) % 64 == 0 && weight.size(1) == packed_width && weight.is_contiguous(),
-                "hemat VNNI kernels: K must be a multiple of 64 and match the weight");
+                "hemat int8/int4 kernels: K must be a multiple of 64 and match the weight");
 }
 
 // log2 of an int4 group size, which must be a power of two >= 32 dividing K (no division per chunk)
 int group_shift(int64_t group_size, int64_t K) {
     TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
-                "hemat VNNI kernels: the group size must be a power of two >= 32 dividing K");
+                "hemat int8/int4 kernels: the group size must be a power of two >= 32 dividing K");
     return __builtin_ctzll(group_size);
 }
 
@@ -283,12 +270,7 @@ at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const a
 
 // 16 int4 values (one a byte) → q * scale - offset in bf16 (rounded to nearest even) at `out`
 inline void store_dequantized(__m128i q, float scale, float offset, at::BFloat16* out) {
-    const __m512 w = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(scale),
-                                     _mm512_set1_ps(offset));
-    const __m512i bits = _mm512_castps_si512(w);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    store_bf16(fmsub(from_bytes(q), set1(scale), set1(offset)), out);
 }
 
 // The int4 weight in bf16 [N, K], for the dense path's bf16 matmul (prefill, eval, large batches)
@@ -296,7 +278,7 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, co
                            int64_t group_size) {
     const int64_t N = packed.size(0), K = packed.size(1) * 2, whole = K / 128 * 128;
     TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && offset.is_contiguous() && K % 64 == 0,
-                "hemat VNNI kernels: int4_dequantize takes contiguous rows of whole blocks of 64 inputs");
+                "hemat int8/int4 kernels: int4_dequantize takes contiguous rows of whole blocks of 64 inputs");
     const int shift = group_shift(group_size, K);
     const int64_t groups = K / group_size;
     at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));

@@ -1,4 +1,4 @@
-"""hemat's VNNI kernels (vnni.c through vnni.py): the int8/int4 linears against their dequantized weights
+"""hemat's native kernels (quantized_linear.cpp through native.py, AVX-512 VNNI or AVX2): the int8/int4 linears against their dequantized weights
 times the same int8 activations (exact up to the order of fp32 sums), their dense path, rows and
 embedding, whole models and the compiled decode step over them, and PyTorch's kernels where they are
 turned off."""
@@ -11,31 +11,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hemat.infer import vnni
+from hemat.infer import native
 from hemat.infer.engine import Engine
 from hemat.infer.quantize import Int4Linear, Int8Linear, PackedEmbedding, prepare_for_inference
 from tests.test_compiled_decode import greedy_tokens
 from tests.test_engine import prompt
 from tests.test_quantize import llama_config, model_of
 
-CPU_HAS_VNNI = Path("/proc/cpuinfo").exists() and "avx512_vnni" in Path("/proc/cpuinfo").read_text()
-needs_vnni = pytest.mark.skipif(not CPU_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+CPU_RUNS_KERNELS = {"avx512_vnni", "avx512bw"} <= CPU_FLAGS or {"avx2", "fma"} <= CPU_FLAGS
+needs_native_kernels = pytest.mark.skipif(not CPU_RUNS_KERNELS, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 
 
-def test_the_kernels_load_where_the_cpu_has_vnni_and_a_compiler():
-    assert vnni.kernels() == (CPU_HAS_VNNI and shutil.which("g++") is not None)
+def test_the_kernels_load_where_the_cpu_has_vnni_or_avx2_and_a_compiler():
+    assert native.kernels() == (CPU_RUNS_KERNELS and shutil.which("g++") is not None)
+    assert native.target() == ("AVX-512 VNNI" if "avx512_vnni" in CPU_FLAGS else "AVX2" if CPU_RUNS_KERNELS else None)
 
 
 @contextmanager
 def pytorch_kernels(monkeypatch):
     """HEMAT_NATIVE_KERNELS=0 within, as a user would set it before starting hemat."""
-    monkeypatch.setenv(vnni.DISABLE, "0")
-    vnni.kernels.cache_clear()
+    monkeypatch.setenv(native.DISABLE, "0")
+    native.kernels.cache_clear()
     try:
         yield
     finally:
-        monkeypatch.delenv(vnni.DISABLE)
-        vnni.kernels.cache_clear()
+        monkeypatch.delenv(native.DISABLE)
+        native.kernels.cache_clear()
 
 
 def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -48,10 +50,10 @@ def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def forms(weight, bias, group_sizes):
-    return [vnni.VnniInt8Linear(weight, bias)] + [vnni.VnniInt4Linear(weight, bias, g) for g in group_sizes]
+    return [native.NativeInt8Linear(weight, bias)] + [native.NativeInt4Linear(weight, bias, g) for g in group_sizes]
 
 
-@needs_vnni
+@needs_native_kernels
 @pytest.mark.parametrize("rows", [1, 5, 23])
 @pytest.mark.parametrize("inputs,group_sizes", [(192, (32, 64)), (512, (128, 256))])  # 192: a last block of 64
 def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows, inputs, group_sizes):
@@ -72,11 +74,11 @@ def test_kernels_compute_the_dequantized_weight_times_int8_activations(rows, inp
         assert (module.dequantized() - weight).abs().max() <= step * weight.abs().max()
 
 
-@needs_vnni
+@needs_native_kernels
 @pytest.mark.parametrize("inputs,group_size", [(192, 32), (192, 64), (512, 128), (512, 256)])
 def test_int4_weights_dequantize_to_bf16_of_the_reference(inputs, group_size):
     torch.manual_seed(0)
-    module = vnni.VnniInt4Linear(torch.randn(130, inputs) * 0.05, None, group_size)
+    module = native.NativeInt4Linear(torch.randn(130, inputs) * 0.05, None, group_size)
     for start, stop in ((0, 130), (64, 130)):  # as the dense path's tiles slice the rows
         got = torch.ops.hemat.int4_dequantize(module.weight_packed[start:stop], module.scale[start:stop],
                                               module.offset[start:stop], group_size)
@@ -86,7 +88,7 @@ def test_int4_weights_dequantize_to_bf16_of_the_reference(inputs, group_size):
         assert ((got.float() - expected).abs() <= expected.abs() * (2**-8 + 2**-16) + 1e-7).all()
 
 
-@needs_vnni
+@needs_native_kernels
 def test_dense_path_rows_and_embedding_read_the_same_values():
     torch.manual_seed(0)
     weight = torch.randn(130, 192) * 0.05
@@ -102,22 +104,22 @@ def test_dense_path_rows_and_embedding_read_the_same_values():
         assert torch.equal(embedding(ids[None])[0], module.dequantized()[ids])
 
 
-@needs_vnni
+@needs_native_kernels
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_models_over_the_kernels_match_models_over_pytorchs(weights, monkeypatch):
     model = model_of(llama_config(hidden_size=128, intermediate_size=256, vocab_size=256))
     ours = prepare_for_inference(model, weights, group_size=64)
-    assert isinstance(ours.lm_head, vnni.VnniInt8Linear if weights == "int8" else vnni.VnniInt4Linear)
+    assert isinstance(ours.lm_head, native.NativeInt8Linear if weights == "int8" else native.NativeInt4Linear)
     with pytorch_kernels(monkeypatch):
         theirs = prepare_for_inference(model, weights, group_size=64)
-    assert not any(isinstance(m, (vnni.VnniInt8Linear, vnni.VnniInt4Linear)) for m in theirs.modules())
+    assert not any(isinstance(m, (native.NativeInt8Linear, native.NativeInt4Linear)) for m in theirs.modules())
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, expected = ours(ids), theirs(ids)
     assert (got - expected).norm() <= 0.02 * expected.norm()  # int8 activations vs bf16 ones
 
 
-@needs_vnni
+@needs_native_kernels
 def test_the_compiled_decode_step_takes_the_kernels():
     model = prepare_for_inference(model_of(llama_config(hidden_size=128, intermediate_size=256, vocab_size=256)),
                                   "int4", group_size=64)
@@ -136,5 +138,5 @@ def test_turned_off_they_leave_pytorchs_kernels_and_say_so_once(monkeypatch, cap
     with pytorch_kernels(monkeypatch):
         model = prepare_for_inference(model_of(llama_config()), "int4", group_size=32)
         prepare_for_inference(model_of(llama_config()), "int8")
-    assert isinstance(model.lm_head, Int4Linear) and not isinstance(model.lm_head, vnni.VnniInt4Linear)
-    assert capsys.readouterr().err.count(f"attention gathers the KV cache ({vnni.DISABLE}=0)") == 1
+    assert isinstance(model.lm_head, Int4Linear) and not isinstance(model.lm_head, native.NativeInt4Linear)
+    assert capsys.readouterr().err.count(f"attention gathers the KV cache ({native.DISABLE}=0)") == 1

@@ -1,11 +1,12 @@
 """hemat's own CPU kernels, compiled on first use with the system's C++ compiler against torch's headers into
-a cache directory (about 30 s, once), and the int8/int4 linears over them. vnni.cpp multiplies the weights
-by int8 activations with AVX-512 VNNI, llama.cpp's way (the operators hemat::int8_linear and
-hemat::int4_linear), and dequantizes int4 weights to bf16 for the dense path (hemat::int4_dequantize);
-paged_attention.cpp attends straight from the paged KV cache (hemat::paged_attention, which cache.py calls).
+a cache directory (about 30 s, once), and the int8/int4 linears over them. quantized_linear.cpp multiplies the
+weights by int8 activations, llama.cpp's way (the operators hemat::int8_linear and hemat::int4_linear), and
+dequantizes int4 weights to bf16 for the dense path (hemat::int4_dequantize); paged_attention.cpp attends
+straight from the paged KV cache (hemat::paged_attention, which cache.py calls). Both are written over simd.h's
+vectors and built for AVX-512 VNNI where the CPU has it, else for AVX2 and FMA (TARGETS).
 They replace the weight-only forms of quantize.py and the cache's gather where `kernels()` is true; it is
-false, with the reason printed once, where they cannot run (no compiler, a CPU without AVX-512 VNNI, not
-Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
+false, with the reason printed once, where they cannot run (no compiler, a CPU with neither instruction set,
+not Linux x86-64) or where HEMAT_NATIVE_KERNELS=0 asks for PyTorch's kernels instead.
 Being operators, they cost ~2 us a call and torch.compile keeps a decode step that calls them in one graph.
 
 Quantizing the activations changes the numbers slightly (each block of 32 inputs in 8 bits, of 128 against int4
@@ -30,8 +31,14 @@ import torch.nn.functional as F
 from hemat.infer.quantize import (Int4Linear, Int8Linear, PackedLinear, QuantizationError, quantize_int4, quantize_int8,
                                   row_chunks)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "paged_attention.cpp")]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+SOURCES = [Path(__file__).with_name(name) for name in ("quantized_linear.cpp", "paged_attention.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]
+# The instruction sets simd.h builds the kernels for, best first: name → (CPU flags it needs, compiler flags)
+TARGETS = {
+    "AVX-512 VNNI": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+                     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]),
+    "AVX2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+}
 DISABLE = "HEMAT_NATIVE_KERNELS"
 
 
@@ -60,21 +67,18 @@ def _load() -> None:
     if os.environ.get(DISABLE, "1") == "0":
         raise _Unavailable(f"{DISABLE}=0")
     if sys.platform != "linux" or platform.machine() != "x86_64":
-        raise _Unavailable(f"hemat's VNNI kernels are built for Linux x86-64, not {sys.platform} {platform.machine()}")
-    flags = next((line.split(":")[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
-    if missing:
-        raise _Unavailable(f"this CPU lacks {', '.join(missing)}")
+        raise _Unavailable(f"hemat's kernels are built for Linux x86-64, not {sys.platform} {platform.machine()}")
+    isa = target()
+    if isa is None:
+        raise _Unavailable("this CPU has neither AVX-512 VNNI nor AVX2 with FMA")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        raise _Unavailable("no C++ compiler found to build hemat's VNNI kernels (install g++, or set CXX)")
+        raise _Unavailable("no C++ compiler found to build hemat's kernels (install g++, or set CXX)")
     torch_dir = Path(torch.__file__).parent
-    command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw",
-               "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-w",
+    command = [compiler, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *TARGETS[isa][1], "-w",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
                *map(str, SOURCES), f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join([torch.__version__, *command]).encode()).hexdigest()[:16]
     library = cache_dir() / f"hemat-kernels-{key}.so"
     if not library.exists():
@@ -88,6 +92,13 @@ def _load() -> None:
                                 packed.new_empty(len(packed), packed.shape[1] * 2, dtype=torch.bfloat16))
     torch.library.register_fake("hemat::paged_attention", lambda q, k, v, table, q_pos, total, page_size, scale:
                                 q.new_empty(*q.shape[:3], v.shape[-1]))
+
+
+def target() -> str | None:
+    """The best of TARGETS this CPU runs, or None."""
+    flags = next((line.split(":")[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return next((name for name, (needed, _) in TARGETS.items() if all(flag in flags for flag in needed)), None)
 
 
 def _build(command: list[str], library: Path) -> None:
@@ -109,12 +120,12 @@ def available(in_features: int) -> bool:
 
 def _require_kernels(in_features: int) -> None:
     if not available(in_features):
-        raise QuantizationError(f"hemat's VNNI kernels do not run here or take {in_features} inputs "
+        raise QuantizationError(f"hemat's int8/int4 kernels do not run here or take {in_features} inputs "
                                 "(a multiple of 64); quantize.py's forms do")
 
 
-class VnniInt8Linear(Int8Linear):
-    """Int8Linear's numbers (symmetric per output channel) over vnni.cpp, the values stored as q + 128."""
+class NativeInt8Linear(Int8Linear):
+    """Int8Linear's numbers (symmetric per output channel) over quantized_linear.cpp, the values stored as q + 128."""
 
     kernel_dtype = torch.float32
     dense_rows = 24
@@ -143,9 +154,9 @@ class VnniInt8Linear(Int8Linear):
         return ((self.weight[ids].float() - 128) * self.scale[ids, None]).to(dtype)
 
 
-class VnniInt4Linear(Int4Linear):
-    """Int4Linear's numbers (asymmetric per group) over vnni.cpp: w = q · scale - offset, the 0..15 values
-    packed two a byte, row by row (vnni.cpp's layout)."""
+class NativeInt4Linear(Int4Linear):
+    """Int4Linear's numbers (asymmetric per group) over quantized_linear.cpp: w = q · scale - offset, the
+    0..15 values packed two a byte, row by row (quantized_linear.cpp's layout)."""
 
     kernel_dtype = torch.float32
     dense_rows = 80
@@ -160,7 +171,7 @@ class VnniInt4Linear(Int4Linear):
         self.register_buffer("offset", torch.cat(offset))
 
     def pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """vnni.cpp's layout: each block of 128 inputs as 64 bytes, the first 64 inputs in the low nibbles and
+        """quantized_linear.cpp's layout: each block of 128 inputs as 64 bytes, the first 64 inputs in the low nibbles and
         the rest in the high ones; a last block of 64 inputs the same way in 32 bytes."""
         q, scale, zero_point = quantize_int4(weight, self.group_size)
         blocks = [q[:, start:stop].reshape(len(q), -1, 2, half) for start, stop, half in self.blocks()]
@@ -175,7 +186,7 @@ class VnniInt4Linear(Int4Linear):
         return torch.ops.hemat.int4_linear(rows, self.weight_packed, self.scale, self.offset, self.group_size)
 
     def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """rows (bf16) times output rows start:stop of the weight, dequantized to bf16 by vnni.cpp."""
+        """rows (bf16) times output rows start:stop of the weight, dequantized to bf16 by quantized_linear.cpp."""
         weight = torch.ops.hemat.int4_dequantize(self.weight_packed[start:stop], self.scale[start:stop],
                                                  self.offset[start:stop], self.group_size)
         return F.linear(rows, weight)
