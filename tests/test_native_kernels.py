@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hemat.infer import native
+from hemat.infer import native, quantize
 from hemat.infer.engine import Engine
 from hemat.infer.quantize import Int4Linear, Int8Linear, PackedEmbedding, prepare_for_inference
 from tests.test_compiled_decode import greedy_tokens
@@ -89,14 +89,16 @@ def test_int4_weights_dequantize_to_bf16_of_the_reference(inputs, group_size):
 
 
 @needs_native_kernels
-def test_dense_path_rows_and_embedding_read_the_same_values():
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])
+def test_dense_path_rows_and_embedding_read_the_same_values(dense_dtype, monkeypatch):
+    monkeypatch.setattr(quantize, "DENSE_DTYPE", dense_dtype)
     torch.manual_seed(0)
     weight = torch.randn(130, 192) * 0.05
     x = torch.randn(90, 192)
     ids = torch.tensor([0, 7, 64, 129])
     for module in forms(weight, None, (32, 64)):
         assert len(x) >= module.dense_rows
-        dense, reference = module(x), F.linear(x, module.dequantized())  # dense: tile by tile in bf16
+        dense, reference = module(x), F.linear(x, module.dequantized())  # dense: tile by tile
         assert (dense - reference).norm() <= 0.01 * reference.norm()
         assert (module.packed(x) - reference).norm() <= 0.01 * reference.norm()
         assert torch.equal(module.rows(ids, torch.float32), module.dequantized()[ids])

@@ -72,10 +72,12 @@ def test_packed_linears_match_their_dequantized_weights(rows):
         assert (module.dequantized() - weight).abs().max() <= step * weight.abs().max()
 
 
-def test_dense_path_matches_the_packed_kernels_tile_by_tile(monkeypatch):
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])  # with bf16 matmul instructions, without
+def test_dense_path_matches_the_packed_kernels_tile_by_tile(dense_dtype, monkeypatch):
     """From dense_rows rows on, the weight is dequantized a tile at a time (tiles made small here: several,
     the last holding int4's partial block of 16 outputs) and multiplied densely: the kernels' numbers."""
     monkeypatch.setattr(quantize, "DENSE_TILE", 64 * 128)
+    monkeypatch.setattr(quantize, "DENSE_DTYPE", dense_dtype)
     torch.manual_seed(0)
     weight, bias = torch.randn(208, 128) * 0.05, torch.randn(208)
     x = torch.randn(130, 128)
@@ -150,6 +152,21 @@ def test_prepared_mla_model_matches_the_reference(weights):
     assert (got - reference).abs().max() <= tolerance * reference.abs().max()
     assert prepared.weight_format == (weights or "float32")
     assert all(type(m) is not FoldedMLA for m in model.modules())  # the reference model is untouched
+
+
+def test_static_expert_forms_match_the_loop_over_each_experts_tokens():
+    """The compiled step's two forms of the routed experts (each (token, expert) pair through that expert's
+    gathered weights; every expert over every token) against the eager loop."""
+    experts = next(m for m in prepare_for_inference(model_of(mla_config())).modules() if isinstance(m, InferenceExperts))
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 7):  # fewer pairs than experts, and more
+        x = torch.randn(tokens, 64, generator=generator)
+        ids = torch.rand(tokens, 6, generator=generator).topk(2, dim=-1).indices
+        weights = torch.rand(tokens, 2, generator=generator)
+        with torch.no_grad():
+            loop = experts(x, weights, ids)
+            for form in (experts.gathered, experts.every_expert):
+                assert (form(x, weights, ids) - loop).abs().max() <= 1e-5 * loop.abs().max()
 
 
 def test_unfolded_mla_form_matches_the_reference_decode():

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hemat.infer.quantize import (Int4Linear, Int8Linear, PackedLinear, QuantizationError, quantize_int4, quantize_int8,
-                                  row_chunks)
+from hemat.infer.quantize import (Int4Linear, Int8Linear, PackedLinear, QuantizationError, cpu_flags, quantize_int4,
+                                  quantize_int8, row_chunks)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("quantized_linear.cpp", "paged_attention.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
@@ -96,9 +96,8 @@ def _load() -> None:
 
 def target() -> str | None:
     """The best of TARGETS this CPU runs, or None."""
-    flags = next((line.split(":")[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return next((name for name, (needed, _) in TARGETS.items() if all(flag in flags for flag in needed)), None)
+    flags = cpu_flags()
+    return next((name for name, (needed, _) in TARGETS.items() if flags.issuperset(needed)), None)
 
 
 def _build(command: list[str], library: Path) -> None:
@@ -186,10 +185,11 @@ class NativeInt4Linear(Int4Linear):
         return torch.ops.hemat.int4_linear(rows, self.weight_packed, self.scale, self.offset, self.group_size)
 
     def dense_tile(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """rows (bf16) times output rows start:stop of the weight, dequantized to bf16 by quantized_linear.cpp."""
+        """rows (DENSE_DTYPE) times output rows start:stop of the weight, dequantized to bf16 by
+        quantized_linear.cpp."""
         weight = torch.ops.hemat.int4_dequantize(self.weight_packed[start:stop], self.scale[start:stop],
                                                  self.offset[start:stop], self.group_size)
-        return F.linear(rows, weight)
+        return F.linear(rows, weight.to(rows.dtype))
 
     def unpacked(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed rows [n, in/2] → their 0..15 values [n, in]."""

@@ -13,7 +13,7 @@ The forms, by weight format:
   (PyTorch's `_weight_int4pack_mm_for_cpu`, the tinygemm layout: w = (q - 8) · scale + zero).
 Activations stay in the model's dtype; the packed kernels compute in bf16 and accumulate in fp32. They are
 fast for a few rows (decode); from a measured row count on (prefill, eval, batched decode), the weight is
-dequantized a tile at a time for a dense bf16 matmul instead. An int8/int4 model's embedding is read from
+dequantized a tile at a time for a dense matmul (DENSE_DTYPE) instead. An int8/int4 model's embedding is read from
 packed rows (PackedEmbedding: a tied head's, else int8 rows of its own). `load_for_inference` quantizes a
 checkpoint while it loads, unit by unit, so that the full-precision model never exists whole.
 
@@ -50,6 +50,18 @@ DENSE_TILE = 1 << 18  # elements of the weight dequantized at a time by the dens
 QUANTIZE_CHUNK = 1 << 20  # weights are quantized this many elements at a time: small temporaries
 COPY_BUDGET_BYTES = 1 << 30  # transposed fp copies of one model, at most
 COMPUTE_DTYPE = torch.bfloat16  # the packed kernels' activation dtype (their fp32 paths are ~10x slower)
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo shows (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return set(next((line.split(":")[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+# The dense path's dtype: bf16 where the CPU multiplies it natively (AMX, AVX-512 BF16), else fp32. Without those
+# instructions PyTorch's bf16 matmul measured 5.6x slower than fp32 (512 rows, 2-core AMD EPYC with AVX2).
+DENSE_DTYPE = torch.bfloat16 if cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
 
 
 class QuantizationError(HematError):
@@ -103,7 +115,7 @@ class DenseLinear(nn.Module):
 class PackedLinear(nn.Module):
     """Shared by the packed forms: bf16 activations through `kernel`, KERNEL_ROWS rows per call, or from
     `dense_rows` rows on (prefill, eval, batched decode) through the weight dequantized tile by tile and a
-    dense bf16 matmul: each form's `dense_rows` is where that was measured faster on a 2-core Xeon with AMX
+    dense matmul in DENSE_DTYPE: each form's `dense_rows` is where that was measured faster on a 2-core Xeon with AMX
     (benchmarks/quantized_rows.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -115,7 +127,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = self.dense(rows.to(COMPUTE_DTYPE)) if rows.shape[0] >= self.dense_rows else \
+        y = self.dense(rows.to(DENSE_DTYPE)) if rows.shape[0] >= self.dense_rows else \
             self.packed(rows.to(self.kernel_dtype).contiguous())
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -305,7 +317,11 @@ class InferenceExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts=None) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.gate_up_stacked is not None:
-            return self.gathered(x, weights, ids)
+            # shapes that do not depend on the routing: with at least as many (token, expert) pairs as experts
+            # the step reads about every expert's weights anyway, and running each over every token costs
+            # less than copying an expert's weights for each pair
+            return self.every_expert(x, weights, ids) if ids.numel() >= len(self.experts) else \
+                self.gathered(x, weights, ids)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // ids.shape[1]
@@ -318,6 +334,13 @@ class InferenceExperts(nn.Module):
                 start += n
         out *= weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def every_expert(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every expert over every token, weighted by the token's routing weight for it (0 where not chosen)."""
+        combine = torch.zeros(len(x), len(self.experts), dtype=x.dtype).scatter_(1, ids, weights.to(x.dtype))
+        gate, up = torch.matmul(x, self.gate_up_stacked).chunk(2, dim=-1)  # [E, N, I] each
+        out = torch.bmm(F.silu(gate) * up, self.down_stacked)  # [E, N, H]
+        return (out * combine.t()[..., None]).sum(dim=0)
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each (token, chosen expert) pair through that expert's gathered weights: shapes that do not
