@@ -154,21 +154,6 @@ def test_prepared_mla_model_matches_the_reference(weights):
     assert all(type(m) is not FoldedMLA for m in model.modules())  # the reference model is untouched
 
 
-def test_static_expert_forms_match_the_loop_over_each_experts_tokens():
-    """The compiled step's two forms of the routed experts (each (token, expert) pair through that expert's
-    gathered weights; every expert over every token) against the eager loop."""
-    experts = next(m for m in prepare_for_inference(model_of(mla_config())).modules() if isinstance(m, InferenceExperts))
-    generator = torch.Generator().manual_seed(0)
-    for tokens in (1, 7):  # fewer pairs than experts, and more
-        x = torch.randn(tokens, 64, generator=generator)
-        ids = torch.rand(tokens, 6, generator=generator).topk(2, dim=-1).indices
-        weights = torch.rand(tokens, 2, generator=generator)
-        with torch.no_grad():
-            loop = experts(x, weights, ids)
-            for form in (experts.gathered, experts.every_expert):
-                assert (form(x, weights, ids) - loop).abs().max() <= 1e-5 * loop.abs().max()
-
-
 def test_unfolded_mla_form_matches_the_reference_decode():
     """kv_lora_rank too large to fold: the form applies W_UK and W_UV per head between the projections."""
     model = model_of(mla_config(kv_lora_rank=48))

@@ -317,11 +317,7 @@ class InferenceExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts=None) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.gate_up_stacked is not None:
-            # shapes that do not depend on the routing: with at least as many (token, expert) pairs as experts
-            # the step reads about every expert's weights anyway, and running each over every token costs
-            # less than copying an expert's weights for each pair
-            return self.every_expert(x, weights, ids) if ids.numel() >= len(self.experts) else \
-                self.gathered(x, weights, ids)
+            return self.gathered(x, weights, ids)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // ids.shape[1]
@@ -334,13 +330,6 @@ class InferenceExperts(nn.Module):
                 start += n
         out *= weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
-
-    def every_expert(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Every expert over every token, weighted by the token's routing weight for it (0 where not chosen)."""
-        combine = torch.zeros(len(x), len(self.experts), dtype=x.dtype).scatter_(1, ids, weights.to(x.dtype))
-        gate, up = torch.matmul(x, self.gate_up_stacked).chunk(2, dim=-1)  # [E, N, I] each
-        out = torch.bmm(F.silu(gate) * up, self.down_stacked)  # [E, N, H]
-        return (out * combine.t()[..., None]).sum(dim=0)
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each (token, chosen expert) pair through that expert's gathered weights: shapes that do not
