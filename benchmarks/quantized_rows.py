@@ -1,7 +1,7 @@
-"""Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a bf16 matmul)
+"""Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a matmul in DENSE_DTYPE)
 overtakes their kernels (PyTorch's weight-only packed kernels, KERNEL_ROWS rows per call; hemat's native
 kernels where they load): per row count, the time of each over one decoder layer's projections and the head
-of a model shape, beside bf16 weights, in one run (best of --repeats). Each form's `dense_rows` in
+of a model shape, beside weights in DENSE_DTYPE (bf16, or fp32 on CPUs without bf16 instructions), in one run (best of --repeats). Each form's `dense_rows` in
 hemat/infer/quantize.py and native.py comes from it.
 
     python benchmarks/quantized_rows.py [--shape smollm-135m] [--rows 1,2,4,8,16,64,512] [--threads 2]
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hemat.infer import native
-from hemat.infer.quantize import Int4Linear, Int8Linear
+from hemat.infer.quantize import DENSE_DTYPE, Int4Linear, Int8Linear
 from hemat.model.config import ModelConfig
 
 SHAPES = {path.stem: path for path in (Path(__file__).parent / "shapes").glob("*.json")}
@@ -58,12 +58,12 @@ def main() -> None:
         forms["int8 native"] = [native.NativeInt8Linear(w, None) for w in weights]
         forms["int4 native"] = [native.NativeInt4Linear(w, None, args.group_size) for w in weights]
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
-    bf16 = [w.bfloat16() for w in weights]
-    print("| rows | bf16 weights | " + " | ".join(f"{form} kernel | {form} dense" for form in forms) + " |")
+    dense = [w.to(DENSE_DTYPE) for w in weights]
+    print(f"| rows | {str(DENSE_DTYPE).removeprefix('torch.')} weights | " + " | ".join(f"{form} kernel | {form} dense" for form in forms) + " |")
     print("|---" * (2 + 2 * len(forms)) + "|")
     for rows in map(int, args.rows.split(",")):
-        x = [torch.randn(rows, w.shape[1], dtype=torch.bfloat16) for w in weights]
-        cells = [best_ms(lambda: [torch.nn.functional.linear(v, w) for w, v in zip(bf16, x)], args.repeats)]
+        x = [torch.randn(rows, w.shape[1], dtype=DENSE_DTYPE) for w in weights]
+        cells = [best_ms(lambda: [torch.nn.functional.linear(v, w) for w, v in zip(dense, x)], args.repeats)]
         for layers in forms.values():
             inputs = [v.to(layers[0].kernel_dtype) for v in x]
             cells.append(best_ms(lambda: [layer.packed(v) for layer, v in zip(layers, inputs)], args.repeats))
