@@ -1,8 +1,8 @@
 """Where the dense path of the int8/int4 linears (the weight dequantized tile by tile, a matmul in DENSE_DTYPE)
 overtakes their kernels (PyTorch's weight-only packed kernels, KERNEL_ROWS rows per call; hemat's native
 kernels where they load): per row count, the time of each over one decoder layer's projections and the head
-of a model shape, beside weights in DENSE_DTYPE (bf16, or fp32 on CPUs without bf16 instructions), in one run (best of --repeats). Each form's `dense_rows` in
-hemat/infer/quantize.py and native.py comes from it.
+of a model shape, beside weights in DENSE_DTYPE (bf16, or fp32 on CPUs without bf16 instructions), in one run
+(best of --repeats). Each form's `dense_rows` in hemat/infer/quantize.py and native.py comes from it.
 
     python benchmarks/quantized_rows.py [--shape smollm-135m] [--rows 1,2,4,8,16,64,512] [--threads 2]
 """
@@ -59,7 +59,8 @@ def main() -> None:
         forms["int4 native"] = [native.NativeInt4Linear(w, None, args.group_size) for w in weights]
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
     dense = [w.to(DENSE_DTYPE) for w in weights]
-    print(f"| rows | {str(DENSE_DTYPE).removeprefix('torch.')} weights | " + " | ".join(f"{form} kernel | {form} dense" for form in forms) + " |")
+    columns = " | ".join(f"{form} kernel | {form} dense" for form in forms)
+    print(f"| rows | {str(DENSE_DTYPE).removeprefix('torch.')} weights | {columns} |")
     print("|---" * (2 + 2 * len(forms)) + "|")
     for rows in map(int, args.rows.split(",")):
         x = [torch.randn(rows, w.shape[1], dtype=DENSE_DTYPE) for w in weights]

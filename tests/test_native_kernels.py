@@ -1,7 +1,7 @@
-"""hemat's native kernels (quantized_linear.cpp through native.py, AVX-512 VNNI or AVX2): the int8/int4 linears against their dequantized weights
-times the same int8 activations (exact up to the order of fp32 sums), their dense path, rows and
-embedding, whole models and the compiled decode step over them, and PyTorch's kernels where they are
-turned off."""
+"""hemat's native kernels (quantized_linear.cpp through native.py, AVX-512 VNNI or AVX2): the int8/int4 linears
+against their dequantized weights times the same int8 activations (exact up to the order of fp32 sums), their
+dense path, rows and embedding, whole models and the compiled decode step over them, and PyTorch's kernels where
+they are turned off."""
 
 import shutil
 from contextlib import contextmanager

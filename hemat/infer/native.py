@@ -170,8 +170,8 @@ class NativeInt4Linear(Int4Linear):
         self.register_buffer("offset", torch.cat(offset))
 
     def pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """quantized_linear.cpp's layout: each block of 128 inputs as 64 bytes, the first 64 inputs in the low nibbles and
-        the rest in the high ones; a last block of 64 inputs the same way in 32 bytes."""
+        """quantized_linear.cpp's layout: each block of 128 inputs as 64 bytes, the first 64 inputs in the low nibbles
+        and the rest in the high ones; a last block of 64 inputs the same way in 32 bytes."""
         q, scale, zero_point = quantize_int4(weight, self.group_size)
         blocks = [q[:, start:stop].reshape(len(q), -1, 2, half) for start, stop, half in self.blocks()]
         return torch.cat([(b[:, :, 0] | b[:, :, 1] << 4).flatten(1) for b in blocks], dim=1), scale, zero_point * scale

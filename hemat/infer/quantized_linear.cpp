@@ -47,7 +47,8 @@ struct Activations {
             const float top = reduce_max(amax);
             const Floats inv = set1(top > 0 ? 127.0f / top : 0.0f);
             Ints total = zero_ints();
-            for (int64_t i = 0; i < block; i += 16) total = add(total, to_int8(mul(load(xb + i), inv), &q[b * block + i]));
+            for (int64_t i = 0; i < block; i += 16)
+                total = add(total, to_int8(mul(load(xb + i), inv), &q[b * block + i]));
             scale[b] = top / 127.0f;
             sum[b] = scale[b] * static_cast<float>(reduce_add(total));
         }

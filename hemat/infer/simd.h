@@ -21,7 +21,9 @@ struct Bytes { __m512i v; };
 
 inline Floats zeros() { return {_mm512_setzero_ps()}; }
 inline Floats set1(float x) { return {_mm512_set1_ps(x)}; }
-inline Floats halves(float low, float high) { return {_mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1)}; }
+inline Floats halves(float low, float high) {
+    return {_mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1)};
+}
 inline Floats load(const float* x) { return {_mm512_loadu_ps(x)}; }
 inline Floats load(const at::BFloat16* x) {  // bf16 is the top half of an fp32
     const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
@@ -134,7 +136,8 @@ inline Ints to_int8(Floats x, int8_t* out) {
     return q;
 }
 inline Floats from_bytes(__m128i q) {
-    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)))};
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)))};
 }
 inline __m256i bf16_bits(__m256 x) {  // the rounded bf16 in the low 16 bits of each lane
     const __m256i bits = _mm256_castps_si256(x);
@@ -142,7 +145,8 @@ inline __m256i bf16_bits(__m256 x) {  // the rounded bf16 in the low 16 bits of 
     return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
 }
 inline void store_bf16(Floats x, at::BFloat16* out) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), in_order(_mm256_packus_epi32(bf16_bits(x.lo), bf16_bits(x.hi))));
+    const __m256i words = in_order(_mm256_packus_epi32(bf16_bits(x.lo), bf16_bits(x.hi)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), words);
 }
 
 inline Bytes load_bytes(const void* p) {
@@ -162,7 +166,9 @@ inline Bytes nibbles_of_32(const uint8_t* p) {
     return {_mm256_and_si256(packed, nibble), _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble)};
 }
 // pairs of u8 x s8 products summed in int16 (exact while u <= 127), then pairs of those in int32
-inline __m256i dot8(__m256i u, __m256i x) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)); }
+inline __m256i dot8(__m256i u, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
 inline Ints dot(Ints acc, Bytes u, const int8_t* x) {
     const __m256i* xs = reinterpret_cast<const __m256i*>(x);
     return {_mm256_add_epi32(acc.lo, dot8(u.lo, _mm256_loadu_si256(xs))),
