@@ -5,7 +5,7 @@
 // unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
 // Decoding reads each weight once per token, so this runs at memory speed where a weight-only kernel that
 // converts every weight to float is bound by that conversion. hemat::int4_dequantize gives the int4 weight in
-// bf16 for the dense path (prefill, eval, large batches), which multiplies it in bf16.
+// bf16 for the dense path (prefill, eval, large batches).
 //
 // Layouts (row-major over the N output rows; K inputs a multiple of 64):
 //   int4: uint8 [N, K/2]. Each block of 128 inputs is 64 bytes, byte j holding input j (low nibble) and

@@ -1,5 +1,5 @@
 // The vectors hemat's kernels are written over, so that each kernel is written once and built for either
-// instruction set (vnni.py builds the AVX-512 VNNI form where the CPU has it, else the AVX2 form):
+// instruction set (native.py builds the AVX-512 VNNI form where the CPU has it, else the AVX2 form):
 //   Floats: 16 fp32 lanes; Ints: 16 int32 lanes; Bytes: 64 bytes.
 // AVX-512 holds each in one register; AVX2 in two (lo: lanes 0-7 or bytes 0-31, hi: the rest).
 // A dot product over 64 bytes sums bytes 4i..4i+3 into lane i, as `vpdpbusd` does, so lanes 0-7 always
@@ -21,6 +21,7 @@ struct Bytes { __m512i v; };
 
 inline Floats zeros() { return {_mm512_setzero_ps()}; }
 inline Floats set1(float x) { return {_mm512_set1_ps(x)}; }
+// lanes 0-7 `low`, lanes 8-15 `high`: a value for each 32 inputs of a 64-byte dot product
 inline Floats halves(float low, float high) {
     return {_mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1)};
 }
