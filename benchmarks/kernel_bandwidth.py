@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hemat.infer import native
-from hemat.infer.quantize import Int4Linear, Int8Linear, weight_bytes
+from hemat.infer.quantize import weight_bytes
 from hemat.model.config import ModelConfig
 from local_decode import bandwidth_gbs
-from quantized_rows import SHAPES, best_ms, projection_shapes
+from quantized_rows import SHAPES, best_ms, linear_forms, projection_shapes
 
 
 def main() -> None:
@@ -32,10 +31,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = ModelConfig.from_file(SHAPES[args.shape])
     shapes = projection_shapes(config)[:-1]  # one layer's, without the head
-    forms = {"int8": lambda w: Int8Linear(w, None), "int4": lambda w: Int4Linear(w, None, args.group_size)}
-    if native.kernels():
-        forms = {"int8 native": lambda w: native.NativeInt8Linear(w, None),
-                 "int4 native": lambda w: native.NativeInt4Linear(w, None, args.group_size), **forms}
+    forms = linear_forms(args.group_size)
     print(f"{args.shape}: one token through the projections of {config.num_hidden_layers} layers, "
           f"{args.threads} threads, best of {args.repeats}; memory read bandwidth {bandwidth_gbs():.1f} GB/s "
           "(sum over 1 GiB)\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ def projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     d = h // heads
     return [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (2 * config.intermediate_size, h),
             (h, config.intermediate_size), (config.vocab_size, h)]
+
+
+def linear_forms(group_size: int) -> dict[str, Callable[[torch.Tensor], torch.nn.Module]]:
+    """name → a builder of that int8/int4 form from a weight: PyTorch's kernels, and hemat's where they load."""
+    forms = {"int8": lambda w: Int8Linear(w, None), "int4": lambda w: Int4Linear(w, None, group_size)}
+    if native.kernels():
+        forms["int8 native"] = lambda w: native.NativeInt8Linear(w, None)
+        forms["int4 native"] = lambda w: native.NativeInt4Linear(w, None, group_size)
+    return forms
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -52,11 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = ModelConfig.from_file(SHAPES[args.shape])
     weights = [torch.randn(shape) * 0.02 for shape in projection_shapes(config)]
-    forms = {"int8": [Int8Linear(w, None) for w in weights],
-             "int4": [Int4Linear(w, None, args.group_size) for w in weights]}
-    if native.kernels():
-        forms["int8 native"] = [native.NativeInt8Linear(w, None) for w in weights]
-        forms["int4 native"] = [native.NativeInt4Linear(w, None, args.group_size) for w in weights]
+    forms = {name: [build(w) for w in weights] for name, build in linear_forms(args.group_size).items()}
     print(f"{args.shape}: one layer's projections + the head, ms (best of {args.repeats}), {args.threads} threads")
     dense = [w.to(DENSE_DTYPE) for w in weights]
     columns = " | ".join(f"{form} kernel | {form} dense" for form in forms)
