@@ -1,7 +1,8 @@
 // int8/int4 weights times int8 activations with AVX-512 VNNI or AVX2 (the way llama.cpp's q4_0 x q8_0 dot products
 // work), registered as the PyTorch operators hemat::int8_linear and hemat::int4_linear. Each token's
-// activations are quantized to int8 in blocks of 32 (one scale each; 128 against int4 groups of 128 or more, as
-// llama.cpp's q8_K blocks of 256 serve its k-quants), the weights stay packed, and `vpdpbusd` multiplies 64
+// activations are quantized to int8 in blocks of 32 against int8 weights, and in blocks of the group size
+// against int4 weights (128 for larger groups, as llama.cpp's q8_K blocks of 256 serve its k-quants), one scale
+// a block; the weights stay packed, and `vpdpbusd` multiplies 64
 // unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
 // Decoding reads each weight once per token, so this runs at memory speed where a weight-only kernel that
 // converts every weight to float is bound by that conversion. hemat::int4_dequantize gives the int4 weight in
@@ -30,9 +31,9 @@ using namespace simd;
 constexpr int64_t BLOCK = 32, WIDE_BLOCK = 128;  // inputs per activation scale: see Activations
 constexpr int ROWS = 4;  // output rows per tile: each activation chunk loaded once for all of them
 
-// The activations of M tokens in int8, in blocks of `block` inputs (32, or 128 where the weights have one scale
-// per 128 or more: a block's dot product then stays in int32 until its end): q [M, K], scale [M, K/block] and
-// sum [M, K/block] = scale * sum(q) per block
+// The activations of M tokens in int8, in blocks of `block` inputs (32 against int8 weights, else the int4
+// group size up to 128: a group's dot product then stays in integers until its end, with one scale): q [M, K],
+// scale [M, K/block] and sum [M, K/block] = scale * sum(q) per block
 struct Activations {
     int64_t block;
     std::vector<int8_t> q;
@@ -63,14 +64,6 @@ struct Activations {
     }
 };
 
-inline Floats dot(Bytes q, const int8_t* x) { return to_floats(dot(zero_ints(), q, x)); }
-
-// The weight scales of the 64 inputs from `first` on, lanes as in `halves`: groups of 32 differ per half
-template <bool pairs>
-inline Floats weight_scales(const float* scale, int64_t first, int shift) {
-    return pairs ? halves(scale[first >> shift], scale[(first + 32) >> shift]) : set1(scale[first >> shift]);
-}
-
 // The int8 activations of the tokens from `first` on (see Activations), and where their outputs go
 struct Tokens {
     const int8_t* q;
@@ -86,51 +79,52 @@ struct Tokens {
 
 // `rows` output rows (ROWS, or 1 for the last few) of `tokens` tokens (TOKENS, or 1): each block of weights is
 // unpacked once for all the tokens. Inlined with constants, so that the accumulators stay in registers.
-// groups_of: 32, 64 or 128+ inputs per weight scale (so 4, 2 or 1 scales per block of 128 inputs)
+// groups_of: 32, 64 or 128+ inputs per weight scale (so 4, 2 or 1 scales per block of 128 inputs); the
+// activations come in blocks of the same size (128 for larger groups), so one product of scales covers each
+// dot product of a group (of 32 inputs, two of them per 64 bytes: see simd.h's halves)
 template <int rows, int tokens, int groups_of>
 inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const float* offset, int shift,
                       const Tokens& x) {
     const int64_t K = x.K, groups = x.groups, whole = K / 128 * 128;
-    Floats acc[tokens][rows];
+    Sums acc[tokens][rows];
     for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) acc[t][r] = zeros();
+        for (int r = 0; r < rows; r++) acc[t][r] = zero_sums();
+    // the scales of the 64 inputs from `first` on in groups of 32: activation times weight, lanes as in halves
+    auto scales_32 = [](const float* sx, const float* s, int64_t first) {
+        return mul(halves(sx[first / 32], sx[first / 32 + 1]), halves(s[first / 32], s[first / 32 + 1]));
+    };
     for (int64_t c = 0; c < whole; c += 128) {  // 64 bytes of each row: inputs c..c+63 low, c+64..c+127 high
-        Bytes low[rows], high[rows];
         for (int r = 0; r < rows; r++) {
             const Bytes packed = load_bytes(w + r * (K / 2) + c / 2);
             if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * (K / 2) + c / 2 + ahead), _MM_HINT_T0);
-            low[r] = low_nibbles(packed);
-            high[r] = high_nibbles(packed);
-        }
-        for (int t = 0; t < tokens; t++) {
-            const float* sx = x.scale_of(t);
-            const int8_t* xq = x.q_of(t) + c;
-            if constexpr (groups_of >= 128) {  // one activation scale and one weight scale for the block
-                for (int r = 0; r < rows; r++) {
-                    const Ints sum = dot(dot(zero_ints(), low[r], xq), high[r], xq + 64);
-                    acc[t][r] = fmadd(to_floats(sum), set1(sx[c / 128] * scale[r * groups + (c >> shift)]), acc[t][r]);
-                }
-            } else {
-                const Floats x_low = halves(sx[c / BLOCK], sx[c / BLOCK + 1]);
-                const Floats x_high = halves(sx[c / BLOCK + 2], sx[c / BLOCK + 3]);
-                for (int r = 0; r < rows; r++) {
-                    const float* s = scale + r * groups;
-                    const Floats w_low = weight_scales<groups_of == 32>(s, c, shift);
-                    const Floats w_high = weight_scales<groups_of == 32>(s, c + 64, shift);
-                    acc[t][r] = fmadd(dot(low[r], xq), mul(x_low, w_low), acc[t][r]);
-                    acc[t][r] = fmadd(dot(high[r], xq + 64), mul(x_high, w_high), acc[t][r]);
+            const Bytes low = low_nibbles(packed), high = high_nibbles(packed);
+            const float* s = scale + r * groups;
+            for (int t = 0; t < tokens; t++) {
+                const float* sx = x.scale_of(t);
+                const int8_t* xq = x.q_of(t) + c;
+                Sums& sum = acc[t][r];
+                if constexpr (groups_of >= 128) {
+                    sum = accumulate_nibbles(low, high, xq, sx[c / 128] * s[c >> shift], sum);
+                } else if constexpr (groups_of == 64) {
+                    sum = accumulate_nibbles(low, xq, sx[c / 64] * s[c / 64], sum);
+                    sum = accumulate_nibbles(high, xq + 64, sx[c / 64 + 1] * s[c / 64 + 1], sum);
+                } else {
+                    sum = accumulate(dot(zero_ints(), low, xq), scales_32(sx, s, c), sum);
+                    sum = accumulate(dot(zero_ints(), high, xq + 64), scales_32(sx, s, c + 64), sum);
                 }
             }
         }
     }
-    if (whole < K) {  // a last block of 64 inputs: 32 bytes, inputs j and j + 32 in byte j
+    if (whole < K) {  // a last block of 64 inputs (so groups of 32 or 64): 32 bytes, inputs j and j + 32 in byte j
         for (int r = 0; r < rows; r++) {
             const Bytes q = nibbles_of_32(w + r * (K / 2) + whole / 2);
-            const Floats w_scale = weight_scales<groups_of == 32>(scale + r * groups, whole, shift);
+            const float* s = scale + r * groups;
             for (int t = 0; t < tokens; t++) {
                 const float* sx = x.scale_of(t);
-                const Floats x_scale = halves(sx[whole / BLOCK], sx[whole / BLOCK + 1]);
-                acc[t][r] = fmadd(dot(q, x.q_of(t) + whole), mul(x_scale, w_scale), acc[t][r]);
+                if constexpr (groups_of == 32)
+                    acc[t][r] = accumulate(dot(zero_ints(), q, x.q_of(t) + whole), scales_32(sx, s, whole), acc[t][r]);
+                else
+                    acc[t][r] = accumulate_nibbles(q, x.q_of(t) + whole, sx[whole / 64] * s[whole / 64], acc[t][r]);
             }
         }
     }
@@ -145,9 +139,9 @@ inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const
 template <int rows, int tokens>
 inline void int8_tile(const uint8_t* w, int64_t ahead, const float* scale, const Tokens& x) {
     const int64_t K = x.K;
-    Floats acc[tokens][rows];
+    Sums acc[tokens][rows];
     for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) acc[t][r] = zeros();
+        for (int r = 0; r < rows; r++) acc[t][r] = zero_sums();
     for (int64_t c = 0; c < K; c += 64) {
         Bytes weights[rows];
         for (int r = 0; r < rows; r++) {
@@ -157,7 +151,7 @@ inline void int8_tile(const uint8_t* w, int64_t ahead, const float* scale, const
         for (int t = 0; t < tokens; t++) {
             const Floats s = halves(x.scale_of(t)[c / BLOCK], x.scale_of(t)[c / BLOCK + 1]);
             for (int r = 0; r < rows; r++)
-                acc[t][r] = fmadd(to_floats(int8_dot(zero_ints(), weights[r], x.q_of(t) + c)), s, acc[t][r]);
+                acc[t][r] = accumulate(int8_dot(zero_ints(), weights[r], x.q_of(t) + c), s, acc[t][r]);
         }
     }
     // the dot products give sum((q + INT8_DOT_BIAS) x): the bias term comes off with the one group's sum of x
@@ -227,7 +221,7 @@ at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const a
     check(rows, packed, K / 2);
     const int shift = group_shift(group_size, K);
     const int64_t groups = K / group_size;
-    const Activations a(rows.data_ptr<float>(), M, K, group_size >= WIDE_BLOCK ? WIDE_BLOCK : BLOCK);
+    const Activations a(rows.data_ptr<float>(), M, K, std::min(group_size, WIDE_BLOCK));
     const std::vector<float> group_sum = a.group_sums(group_size);
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();

@@ -2,6 +2,8 @@
 // instruction set (native.py builds the AVX-512 VNNI form where the CPU has it, else the AVX2 form):
 //   Floats: 16 fp32 lanes; Ints: 16 int32 lanes; Bytes: 64 bytes.
 // AVX-512 holds each in one register; AVX2 in two (lo: lanes 0-7 or bytes 0-31, hi: the rest).
+//   Sums: a dot product's running fp32 sums, one register (16 lanes, or 8 on AVX2: with 16 registers, an AVX2
+//   tile of 4 rows would spill its accumulators as pairs), summed up with reduce_add.
 // A dot product over 64 bytes sums bytes 4i..4i+3 into lane i, as `vpdpbusd` does, so lanes 0-7 always
 // cover the first 32 inputs and lanes 8-15 the last 32 (see `halves`).
 #pragma once
@@ -43,7 +45,6 @@ inline float reduce_max(Floats x) { return _mm512_reduce_max_ps(x.v); }
 inline Ints zero_ints() { return {_mm512_setzero_si512()}; }
 inline Ints add(Ints a, Ints b) { return {_mm512_add_epi32(a.v, b.v)}; }
 inline int32_t reduce_add(Ints x) { return _mm512_reduce_add_epi32(x.v); }
-inline Floats to_floats(Ints x) { return {_mm512_cvtepi32_ps(x.v)}; }
 // x rounded to the nearest integer (ties to even) as int32, and stored as 16 saturated int8 at `out`
 inline Ints to_int8(Floats x, int8_t* out) {
     const __m512i q = _mm512_cvtps_epi32(x.v);
@@ -75,6 +76,20 @@ inline Ints dot(Ints acc, Bytes u, const int8_t* x) { return {_mm512_dpbusd_epi3
 // int8 weights are stored as q + 128; int8_dot(acc, stored, x) adds sum((q + INT8_DOT_BIAS) x) per lane
 constexpr float INT8_DOT_BIAS = 128.0f;
 inline Ints int8_dot(Ints acc, Bytes stored, const int8_t* x) { return dot(acc, stored, x); }
+
+struct Sums { __m512 v; };
+inline Sums zero_sums() { return {_mm512_setzero_ps()}; }
+inline float reduce_add(Sums x) { return _mm512_reduce_add_ps(x.v); }
+// acc + dots * scale, lane by lane
+inline Sums accumulate(Ints dots, Floats scale, Sums acc) { return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(dots.v), scale.v, acc.v)}; }
+// acc + scale * the dot products of 64 nibbles (0..15, one a byte) with the 64 signed bytes at x
+inline Sums accumulate_nibbles(Bytes u, const int8_t* x, float scale, Sums acc) {
+    return accumulate(dot(zero_ints(), u, x), set1(scale), acc);
+}
+// the same over 128 inputs, one scale: low with x[0:64], high with x[64:128]
+inline Sums accumulate_nibbles(Bytes low, Bytes high, const int8_t* x, float scale, Sums acc) {
+    return accumulate(dot(dot(zero_ints(), low, x), high, x + 64), set1(scale), acc);
+}
 
 #else  // AVX2 and FMA
 
@@ -126,7 +141,6 @@ inline int32_t reduce_add(Ints x) {
     four = _mm_add_epi32(four, _mm_shuffle_epi32(four, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm_cvtsi128_si32(_mm_add_epi32(four, _mm_shuffle_epi32(four, _MM_SHUFFLE(2, 3, 0, 1))));
 }
-inline Floats to_floats(Ints x) { return {_mm256_cvtepi32_ps(x.lo), _mm256_cvtepi32_ps(x.hi)}; }
 // Two int32 or int16 packs interleave 128-bit halves: this permutation puts their 64-bit quarters back in order
 inline __m256i in_order(__m256i packed) { return _mm256_permute4x64_epi64(packed, 0xD8); }
 inline Ints to_int8(Floats x, int8_t* out) {
@@ -186,6 +200,31 @@ inline Ints int8_dot(Ints acc, Bytes stored, const int8_t* x) {
     const __m256i* xs = reinterpret_cast<const __m256i*>(x);
     return {_mm256_add_epi32(acc.lo, signed_dot8(stored.lo, _mm256_loadu_si256(xs))),
             _mm256_add_epi32(acc.hi, signed_dot8(stored.hi, _mm256_loadu_si256(xs + 1)))};
+}
+
+struct Sums { __m256 v; };
+inline Sums zero_sums() { return {_mm256_setzero_ps()}; }
+inline float reduce_add(Sums x) { return sum8(x.v); }
+inline Sums accumulate(Ints dots, Floats scale, Sums acc) {
+    const __m256 low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots.lo), scale.lo, acc.v);
+    return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(dots.hi), scale.hi, low)};
+}
+// Nibbles times signed bytes: a pair of products is at most 2 * 15 * 128, so up to eight vpmaddubsw results
+// add up in int16 before one vpmaddwd widens them (half the widening of dot's)
+inline __m256i nibble_pairs(Bytes u, const int8_t* x) {
+    const __m256i* xs = reinterpret_cast<const __m256i*>(x);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(u.lo, _mm256_loadu_si256(xs)),
+                            _mm256_maddubs_epi16(u.hi, _mm256_loadu_si256(xs + 1)));
+}
+inline Sums accumulate_pairs(__m256i pairs, float scale, Sums acc) {
+    const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return {_mm256_fmadd_ps(sums, _mm256_set1_ps(scale), acc.v)};
+}
+inline Sums accumulate_nibbles(Bytes u, const int8_t* x, float scale, Sums acc) {
+    return accumulate_pairs(nibble_pairs(u, x), scale, acc);
+}
+inline Sums accumulate_nibbles(Bytes low, Bytes high, const int8_t* x, float scale, Sums acc) {
+    return accumulate_pairs(_mm256_add_epi16(nibble_pairs(low, x), nibble_pairs(high, x + 64)), scale, acc);
 }
 
 #endif
