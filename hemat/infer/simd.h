@@ -229,4 +229,37 @@ inline Sums accumulate_nibbles(Bytes low, Bytes high, const int8_t* x, float sca
 
 #endif
 
+// 8-lane helpers shared by both builds (AVX-512 CPUs run AVX2 too)
+
+// The sums of 8 vectors, one per lane: a transposing tree of horizontal adds instead of 8 separate reductions
+inline __m256 sums_of_8(const Floats* x) {
+    __m256 eight[8];
+    for (int i = 0; i < 8; i++)
+#if defined(__AVX512VNNI__)
+        eight[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i].v), _mm512_extractf32x8_ps(x[i].v, 1));
+#else
+        eight[i] = _mm256_add_ps(x[i].lo, x[i].hi);
+#endif
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(eight[0], eight[1]), _mm256_hadd_ps(eight[2], eight[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(eight[4], eight[5]), _mm256_hadd_ps(eight[6], eight[7]));
+    // a holds x0..x3's partial sums in each 128-bit half, b x4..x7's
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// exp(x) to about 2 ulp (Cephes' polynomial on x - n ln 2, times 2^n); 0 below -87.3, where fp32 underflows
+inline __m256 exp8(__m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.33f);
+    const __m256 clamped = _mm256_min_ps(_mm256_max_ps(x, low), _mm256_set1_ps(88.37f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, low, _CMP_GE_OQ));
+}
+
 }  // namespace simd
