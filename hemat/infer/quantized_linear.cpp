@@ -226,9 +226,10 @@ at::Tensor int4_linear(const at::Tensor& rows, const at::Tensor& packed, const a
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
+    float* y = out.data_ptr<float>();  // once: data_ptr checks the tensor on every call
     over_tiles(N, M, K / 2, [&](int64_t n, int count, int64_t m, int tokens, int64_t ahead) {
         const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / a.block), group_sum.data() + m * groups,
-                       out.data_ptr<float>() + m * N + n, K, a.block, groups, N};
+                       y + m * N + n, K, a.block, groups, N};
         auto tile = [&]<int groups_of>() {
             dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
                 const int64_t row = n + r;
@@ -253,9 +254,10 @@ at::Tensor int8_linear(const at::Tensor& rows, const at::Tensor& weight, const a
     at::Tensor out = at::empty({M, N}, rows.options());
     const uint8_t* w = weight.data_ptr<uint8_t>();
     const float* s = scale.data_ptr<float>();
+    float* y = out.data_ptr<float>();
     over_tiles(N, M, K, [&](int64_t n, int count, int64_t m, int tokens, int64_t ahead) {
         const Tokens x{a.q.data() + m * K, a.scale.data() + m * (K / a.block), total.data() + m,
-                       out.data_ptr<float>() + m * N + n, K, a.block, 1, N};
+                       y + m * N + n, K, a.block, 1, N};
         dispatch(count, tokens, x, [&]<int rows_, int tokens_>(int r, const Tokens& view) {
             int8_tile<rows_, tokens_>(w + (n + r) * K, ahead, s + n + r, view);
         });
