@@ -5,7 +5,6 @@ they are turned off."""
 
 import shutil
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from tests.test_compiled_decode import greedy_tokens
 from tests.test_engine import prompt
 from tests.test_quantize import llama_config, model_of
 
-CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+CPU_FLAGS = quantize.cpu_flags()
 CPU_RUNS_KERNELS = {"avx512_vnni", "avx512bw"} <= CPU_FLAGS or {"avx2", "fma"} <= CPU_FLAGS
 needs_native_kernels = pytest.mark.skipif(not CPU_RUNS_KERNELS, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 

@@ -107,7 +107,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             for (int64_t j = 0; j < count; j++) {  // softmax's exp(score - max) in place; the sum divides at the end
                 float* s = scores.data() + j * stride;
                 const int64_t seen = last[j] + 1;
-                float top = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+                float top = -std::numeric_limits<float>::infinity();
                 for (int64_t p = 0; p < seen; p++) top = std::max(top, s[p]);
                 std::fill(s + std::max<int64_t>(seen, 0), s + stride, -std::numeric_limits<float>::infinity());
                 __m256 sums = _mm256_setzero_ps();
@@ -116,9 +116,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
                     _mm256_storeu_ps(s + p0, e);
                     sums = _mm256_add_ps(sums, e);
                 }
-                float lanes[8];
-                _mm256_storeu_ps(lanes, sums);
-                for (float lane : lanes) sum += lane;
+                const float sum = sum8(sums);
                 norm[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
             }
             // the values in slices of 64 (then 16) columns, each slice read once for every query

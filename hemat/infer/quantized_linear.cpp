@@ -2,8 +2,8 @@
 // work), registered as the PyTorch operators hemat::int8_linear and hemat::int4_linear. Each token's
 // activations are quantized to int8 in blocks of 32 against int8 weights, and in blocks of the group size
 // against int4 weights (128 for larger groups, as llama.cpp's q8_K blocks of 256 serve its k-quants), one scale
-// a block; the weights stay packed, and `vpdpbusd` multiplies 64
-// unsigned weight bytes by 64 signed activation bytes into 16 int32 sums per instruction.
+// a block; the weights stay packed, and `vpdpbusd` multiplies 64 unsigned weight bytes by 64 signed activation
+// bytes into 16 int32 sums per instruction.
 // Decoding reads each weight once per token, so this runs at memory speed where a weight-only kernel that
 // converts every weight to float is bound by that conversion. hemat::int4_dequantize gives the int4 weight in
 // bf16 for the dense path (prefill, eval, large batches).

@@ -15,6 +15,13 @@
 
 namespace simd {
 
+// the sum of 8 fp32 lanes (AVX-512 CPUs run AVX2 too)
+inline float sum8(__m256 x) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
 #if defined(__AVX512VNNI__)
 
 struct Floats { __m512 v; };
@@ -119,11 +126,6 @@ inline Floats max(Floats a, Floats b) { return {_mm256_max_ps(a.lo, b.lo), _mm25
 inline Floats abs(Floats x) {
     const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     return {_mm256_and_ps(x.lo, mask), _mm256_and_ps(x.hi, mask)};
-}
-inline float sum8(__m256 x) {
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 inline float reduce_add(Floats x) { return sum8(_mm256_add_ps(x.lo, x.hi)); }
 inline float reduce_max(Floats x) {
