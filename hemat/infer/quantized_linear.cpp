@@ -128,12 +128,9 @@ inline void int4_tile(const uint8_t* w, int64_t ahead, const float* scale, const
             }
         }
     }
-    for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) {  // the offsets times each group's sum of dequantized activations
-            float correction = 0.0f;
-            for (int64_t g = 0; g < groups; g++) correction += offset[r * groups + g] * x.group_sum_of(t)[g];
-            x.out_of(t)[r] = reduce_add(acc[t][r]) - correction;
-        }
+    for (int t = 0; t < tokens; t++)  // less the offsets times each group's sum of dequantized activations
+        for (int r = 0; r < rows; r++)
+            x.out_of(t)[r] = reduce_add(minus_products(acc[t][r], offset + r * groups, x.group_sum_of(t), groups));
 }
 
 template <int rows, int tokens>

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace simd {
@@ -89,6 +90,14 @@ inline Sums zero_sums() { return {_mm512_setzero_ps()}; }
 inline float reduce_add(Sums x) { return _mm512_reduce_add_ps(x.v); }
 // acc + dots * scale, lane by lane
 inline Sums accumulate(Ints dots, Floats scale, Sums acc) { return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(dots.v), scale.v, acc.v)}; }
+// acc - a[i] * b[i] for i < n, spread over the lanes (masked loads for the last few)
+inline Sums minus_products(Sums acc, const float* a, const float* b, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+        acc.v = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(live, a + i), _mm512_maskz_loadu_ps(live, b + i), acc.v);
+    }
+    return acc;
+}
 // acc + scale * the dot products of 64 nibbles (0..15, one a byte) with the 64 signed bytes at x
 inline Sums accumulate_nibbles(Bytes u, const int8_t* x, float scale, Sums acc) {
     return accumulate(dot(zero_ints(), u, x), set1(scale), acc);
@@ -210,6 +219,14 @@ inline float reduce_add(Sums x) { return sum8(x.v); }
 inline Sums accumulate(Ints dots, Floats scale, Sums acc) {
     const __m256 low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots.lo), scale.lo, acc.v);
     return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(dots.hi), scale.hi, low)};
+}
+inline Sums minus_products(Sums acc, const float* a, const float* b, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n - i, 8))),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        acc.v = _mm256_fnmadd_ps(_mm256_maskload_ps(a + i, live), _mm256_maskload_ps(b + i, live), acc.v);
+    }
+    return acc;
 }
 // Nibbles times signed bytes: a pair of products is at most 2 * 15 * 128, so up to eight vpmaddubsw results
 // add up in int16 before one vpmaddwd widens them (half the widening of dot's)
