@@ -49,6 +49,8 @@ inline Floats max(Floats a, Floats b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Floats abs(Floats x) { return {_mm512_abs_ps(x.v)}; }
 inline float reduce_add(Floats x) { return _mm512_reduce_add_ps(x.v); }
 inline float reduce_max(Floats x) { return _mm512_reduce_max_ps(x.v); }
+// lanes 0-7 plus lanes 8-15
+inline __m256 fold8(Floats x) { return _mm256_add_ps(_mm512_castps512_ps256(x.v), _mm512_extractf32x8_ps(x.v, 1)); }
 
 inline Ints zero_ints() { return {_mm512_setzero_si512()}; }
 inline Ints add(Ints a, Ints b) { return {_mm512_add_epi32(a.v, b.v)}; }
@@ -136,7 +138,8 @@ inline Floats abs(Floats x) {
     const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     return {_mm256_and_ps(x.lo, mask), _mm256_and_ps(x.hi, mask)};
 }
-inline float reduce_add(Floats x) { return sum8(_mm256_add_ps(x.lo, x.hi)); }
+inline __m256 fold8(Floats x) { return _mm256_add_ps(x.lo, x.hi); }
+inline float reduce_add(Floats x) { return sum8(fold8(x)); }
 inline float reduce_max(Floats x) {
     const __m256 eight = _mm256_max_ps(x.lo, x.hi);
     const __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
@@ -253,12 +256,7 @@ inline Sums accumulate_nibbles(Bytes low, Bytes high, const int8_t* x, float sca
 // The sums of 8 vectors, one per lane: a transposing tree of horizontal adds instead of 8 separate reductions
 inline __m256 sums_of_8(const Floats* x) {
     __m256 eight[8];
-    for (int i = 0; i < 8; i++)
-#if defined(__AVX512VNNI__)
-        eight[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i].v), _mm512_extractf32x8_ps(x[i].v, 1));
-#else
-        eight[i] = _mm256_add_ps(x[i].lo, x[i].hi);
-#endif
+    for (int i = 0; i < 8; i++) eight[i] = fold8(x[i]);
     const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(eight[0], eight[1]), _mm256_hadd_ps(eight[2], eight[3]));
     const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(eight[4], eight[5]), _mm256_hadd_ps(eight[6], eight[7]));
     // a holds x0..x3's partial sums in each 128-bit half, b x4..x7's
